@@ -3,10 +3,18 @@
 //! Where things live (see `docs/architecture.md`):
 //! - [`fsm`]: the kernel's migration state machine, pure and exhaustively tested;
 //! - [`vfio`]: the kernel boundary (uAPI structs, ioctls, open paths) — the only `unsafe`;
-//! - [`device`]: the `MigrationDevice` trait, the real VFIO backend and the simulator.
+//! - [`device`]: the `MigrationDevice` trait, the real VFIO backend and the simulator;
+//! - [`engine`]: the group sequencer (plan, source, destination, two-phase commit);
+//! - [`job`]: job identity, phases, progress, downtime;
+//! - [`registry`]: devices and groups owned by this daemon;
+//! - [`config`]: the TOML configuration.
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod device;
+pub mod engine;
 pub mod fsm;
+pub mod job;
+pub mod registry;
 #[allow(unsafe_code)]
 pub mod vfio;

@@ -1,0 +1,334 @@
+//! The daemon's configuration: TOML through the `config` crate, overridden by
+//! `VFIO_MIGD__SECTION__KEY` environment variables. Every struct denies unknown keys, so
+//! a typo in a unit file or a DaemonSet fails loudly at start instead of being ignored.
+//! `deploy/config.example.toml` documents every key with its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vfio-migd/config.toml";
+pub const ENV_PREFIX: &str = "VFIO_MIGD";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration {path}: {source}")]
+    Load {
+        path: String,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub handoff: HandoffConfig,
+    #[serde(default)]
+    pub peer: PeerConfig,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub migration: MigrationConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Devices opened at start. `[[device]]` tables with `kind = "sim" | "vfio-group" | "vfio-cdev"`.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+    /// Test-only switches; refused unless the daemon runs with `--allow-test-faults`.
+    #[serde(default)]
+    pub test: TestConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket of the control API (vfio-migctl, control planes).
+    #[serde(default = "default_control_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig { socket: default_control_socket() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffConfig {
+    /// Unix socket on which a VMM hands over VFIO device fds (SCM_RIGHTS).
+    #[serde(default = "default_handoff_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        HandoffConfig { socket: default_handoff_socket() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// gRPC listener for peer daemons. Loopback until peers authenticate with TLS.
+    #[serde(default = "default_peer_listen")]
+    pub listen: SocketAddr,
+    /// Data connections per migration (device streams are spread over them).
+    #[serde(default = "default_data_connections")]
+    pub data_connections: usize,
+    /// Largest frame payload on the data connections.
+    #[serde(default = "default_max_frame_payload")]
+    pub max_frame_payload: usize,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            listen: default_peer_listen(),
+            data_connections: default_data_connections(),
+            max_frame_payload: default_max_frame_payload(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// Default timeout of every phase (handshake, barriers, drain, load, commit).
+    #[serde(default = "default_phase_timeout_ms")]
+    pub phase_timeout_ms: u64,
+    /// Stream the initial state of PRE_COPY-capable devices while the VM still runs.
+    #[serde(default = "default_true")]
+    pub pre_copy: bool,
+    /// Longest time spent in pre-copy before switching over anyway.
+    #[serde(default = "default_pre_copy_max_ms")]
+    pub pre_copy_max_ms: u64,
+    /// How many finished jobs stay queryable.
+    #[serde(default = "default_retained_jobs")]
+    pub retained_jobs: usize,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            phase_timeout_ms: default_phase_timeout_ms(),
+            pre_copy: true,
+            pre_copy_max_ms: default_pre_copy_max_ms(),
+            retained_jobs: default_retained_jobs(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "vfio_migd=debug". `VFIO_MIGD_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: default_log_level(), format: LogFormat::default() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind")]
+pub enum DeviceConfig {
+    /// A device opened through the legacy group/container path by its sysfs name
+    /// (PCI BDF or mdev UUID).
+    #[serde(rename = "vfio-group")]
+    Group { name: String, sysfs_device: String },
+    /// A device opened through its cdev (`/dev/vfio/devices/vfioN`) and iommufd.
+    #[serde(rename = "vfio-cdev")]
+    Cdev { name: String, path: PathBuf },
+}
+
+impl DeviceConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            DeviceConfig::Group { name, .. } | DeviceConfig::Cdev { name, .. } => name,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestConfig {
+    /// Corrupts the outgoing device stream (flip a byte, truncate, drop a connection).
+    pub stream_fault: Option<serde_json::Value>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/vfio-migd")
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/vfio-migd/control.sock")
+}
+fn default_handoff_socket() -> PathBuf {
+    PathBuf::from("/run/vfio-migd/handoff.sock")
+}
+fn default_peer_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7410))
+}
+fn default_data_connections() -> usize {
+    4
+}
+fn default_max_frame_payload() -> usize {
+    1 << 20
+}
+fn default_phase_timeout_ms() -> u64 {
+    60_000
+}
+fn default_pre_copy_max_ms() -> u64 {
+    10_000
+}
+fn default_retained_jobs() -> usize {
+    64
+}
+fn default_log_level() -> String {
+    "info".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    /// Loads `path` (which must exist unless it is the default path), then the
+    /// environment overrides, then checks what serde cannot.
+    pub fn load(path: Option<&Path>, allow_test_faults: bool) -> Result<Config, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let shown = path.display().to_string();
+        let settings = config::Config::builder()
+            .add_source(
+                config::File::from(path.as_path()).format(config::FileFormat::Toml).required(required),
+            )
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|source| ConfigError::Load { path: shown.clone(), source })?;
+        let config: Config =
+            settings.try_deserialize().map_err(|source| ConfigError::Load { path: shown, source })?;
+        config.validate(allow_test_faults)?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document without environment overrides (tests, `--check-config`).
+    pub fn from_toml(text: &str, allow_test_faults: bool) -> Result<Config, ConfigError> {
+        let settings = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|source| ConfigError::Load { path: "<inline>".into(), source })?;
+        let config: Config = settings
+            .try_deserialize()
+            .map_err(|source| ConfigError::Load { path: "<inline>".into(), source })?;
+        config.validate(allow_test_faults)?;
+        Ok(config)
+    }
+
+    fn validate(&self, allow_test_faults: bool) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &str, message: &str| ConfigError::Invalid { key: key.into(), message: message.into() };
+        if self.test.stream_fault.is_some() && !allow_test_faults {
+            return Err(invalid(
+                "test.stream_fault",
+                "test-only fault injection is refused unless vfio-migd runs with --allow-test-faults",
+            ));
+        }
+        if self.peer.data_connections == 0 || self.peer.data_connections > 64 {
+            return Err(invalid("peer.data_connections", "must be between 1 and 64"));
+        }
+        if !(4096..=16 << 20).contains(&self.peer.max_frame_payload) {
+            return Err(invalid("peer.max_frame_payload", "must be between 4096 and 16777216 bytes"));
+        }
+        if self.migration.phase_timeout_ms == 0 {
+            return Err(invalid("migration.phase_timeout_ms", "must be positive"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, device) in self.devices.iter().enumerate() {
+            if device.name().is_empty() {
+                return Err(invalid(&format!("device[{i}].name"), "must not be empty"));
+            }
+            if !seen.insert(device.name()) {
+                return Err(invalid(
+                    &format!("device[{i}].name"),
+                    &format!("duplicate device name `{}`", device.name()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_contract() {
+        let config = Config::from_toml("", false).unwrap();
+        assert_eq!(config.control.socket, Path::new("/run/vfio-migd/control.sock"));
+        assert_eq!(config.handoff.socket, Path::new("/run/vfio-migd/handoff.sock"));
+        assert_eq!(config.peer.listen, "127.0.0.1:7410".parse().unwrap());
+        assert_eq!(config.state_dir, Path::new("/var/lib/vfio-migd"));
+        assert!(config.devices.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::from_toml("[peer]\nlisten = \"127.0.0.1:1\"\nlsten = 3\n", false).unwrap_err();
+        assert!(err.to_string().contains("lsten"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::from_toml("[peer]\ndata_connections = 0\n", false).unwrap_err();
+        assert!(err.to_string().contains("peer.data_connections"), "{err}");
+        let err = Config::from_toml("[peer]\nlisten = \"not an address\"\n", false).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn test_faults_need_the_explicit_flag() {
+        let text = "[test.stream_fault]\nkind = \"truncate\"\ndevice = 0\nframe = 1\n";
+        let err = Config::from_toml(text, false).unwrap_err();
+        assert!(err.to_string().contains("--allow-test-faults"), "{err}");
+    }
+
+    #[test]
+    fn real_devices_parse() {
+        let text = "[[device]]\nkind = \"vfio-group\"\nname = \"uart0\"\nsysfs_device = \"83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\"\n\
+                    [[device]]\nkind = \"vfio-cdev\"\nname = \"nic0\"\npath = \"/dev/vfio/devices/vfio0\"\n";
+        let config = Config::from_toml(text, false).unwrap();
+        assert_eq!(config.devices.len(), 2);
+        assert_eq!(config.devices[1].name(), "nic0");
+        let dup = format!("{text}[[device]]\nkind = \"vfio-cdev\"\nname = \"nic0\"\npath = \"/x\"\n");
+        let err = Config::from_toml(&dup, false).unwrap_err();
+        assert!(err.to_string().contains("duplicate device name"), "{err}");
+    }
+}

@@ -1,0 +1,219 @@
+//! The devices this daemon owns and the groups (one VM's devices) defined over them.
+//! A device belongs to at most one job at a time: a job claims its devices up front and
+//! the claim is released when the job ends, whatever the outcome.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::device::MigrationDevice;
+
+/// How the daemon came to hold a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sim,
+    VfioGroup,
+    VfioCdev,
+    Handoff,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sim => "sim",
+            Backend::VfioGroup => "vfio-group",
+            Backend::VfioCdev => "vfio-cdev",
+            Backend::Handoff => "handoff",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RegisteredDevice {
+    pub device: Arc<dyn MigrationDevice>,
+    pub backend: Backend,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupDef {
+    pub name: String,
+    pub devices: Vec<String>,
+    /// Two or more devices without P2P cannot be quiesced against each other; only the
+    /// operator can vouch that they never do peer-to-peer DMA.
+    pub allow_multiple_non_p2p: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("device `{0}` is not registered")]
+    UnknownDevice(String),
+    #[error("device `{0}` is already registered")]
+    DuplicateDevice(String),
+    #[error("group `{0}` is not defined")]
+    UnknownGroup(String),
+    #[error("group `{0}` is already defined")]
+    DuplicateGroup(String),
+    #[error("group `{0}` has no devices")]
+    EmptyGroup(String),
+    #[error("device `{device}` is busy in job `{job}`")]
+    Busy { device: String, job: String },
+    #[error("device `{device}` belongs to group `{group}`")]
+    InGroup { device: String, group: String },
+    #[error("device `{0}` is listed twice")]
+    Repeated(String),
+}
+
+#[derive(Default)]
+struct Inner {
+    devices: BTreeMap<String, Arc<RegisteredDevice>>,
+    groups: BTreeMap<String, GroupDef>,
+    /// device name -> job id holding it
+    claims: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("Registry").field("devices", &inner.devices.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// Devices claimed by a job; dropping it releases them.
+#[derive(Debug)]
+pub struct Claim {
+    registry: Arc<Registry>,
+    job_id: String,
+    pub devices: Vec<(String, Arc<RegisteredDevice>)>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        for (name, _) in &self.devices {
+            if inner.claims.get(name) == Some(&self.job_id) {
+                inner.claims.remove(name);
+            }
+        }
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the maps half-updated (every
+        // mutation is a single insert/remove), so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn add_device(
+        &self,
+        device: Arc<dyn MigrationDevice>,
+        backend: Backend,
+    ) -> Result<Arc<RegisteredDevice>, RegistryError> {
+        let name = device.name().to_string();
+        let mut inner = self.lock();
+        if inner.devices.contains_key(&name) {
+            return Err(RegistryError::DuplicateDevice(name));
+        }
+        let entry = Arc::new(RegisteredDevice { device, backend });
+        inner.devices.insert(name, entry.clone());
+        Ok(entry)
+    }
+
+    /// Removes a device that is in no job and no group.
+    pub fn remove_device(&self, name: &str) -> Result<Arc<RegisteredDevice>, RegistryError> {
+        let mut inner = self.lock();
+        if let Some(job) = inner.claims.get(name) {
+            return Err(RegistryError::Busy { device: name.into(), job: job.clone() });
+        }
+        if let Some(group) = inner.groups.values().find(|g| g.devices.iter().any(|d| d == name)) {
+            return Err(RegistryError::InGroup { device: name.into(), group: group.name.clone() });
+        }
+        inner.devices.remove(name).ok_or_else(|| RegistryError::UnknownDevice(name.into()))
+    }
+
+    pub fn device(&self, name: &str) -> Result<Arc<RegisteredDevice>, RegistryError> {
+        self.lock().devices.get(name).cloned().ok_or_else(|| RegistryError::UnknownDevice(name.into()))
+    }
+
+    pub fn devices(&self) -> Vec<(String, Arc<RegisteredDevice>)> {
+        self.lock().devices.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The job holding a device, if any.
+    pub fn job_of(&self, name: &str) -> Option<String> {
+        self.lock().claims.get(name).cloned()
+    }
+
+    /// The group a device belongs to, if any.
+    pub fn group_of(&self, name: &str) -> Option<String> {
+        self.lock().groups.values().find(|g| g.devices.iter().any(|d| d == name)).map(|g| g.name.clone())
+    }
+
+    pub fn define_group(&self, group: GroupDef) -> Result<GroupDef, RegistryError> {
+        let mut inner = self.lock();
+        if inner.groups.contains_key(&group.name) {
+            return Err(RegistryError::DuplicateGroup(group.name));
+        }
+        if group.devices.is_empty() {
+            return Err(RegistryError::EmptyGroup(group.name));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for device in &group.devices {
+            if !inner.devices.contains_key(device) {
+                return Err(RegistryError::UnknownDevice(device.clone()));
+            }
+            if !seen.insert(device) {
+                return Err(RegistryError::Repeated(device.clone()));
+            }
+            if let Some(other) = inner.groups.values().find(|g| g.devices.contains(device)) {
+                return Err(RegistryError::InGroup { device: device.clone(), group: other.name.clone() });
+            }
+        }
+        inner.groups.insert(group.name.clone(), group.clone());
+        Ok(group)
+    }
+
+    pub fn group(&self, name: &str) -> Result<GroupDef, RegistryError> {
+        self.lock().groups.get(name).cloned().ok_or_else(|| RegistryError::UnknownGroup(name.into()))
+    }
+
+    pub fn groups(&self) -> Vec<GroupDef> {
+        self.lock().groups.values().cloned().collect()
+    }
+
+    pub fn delete_group(&self, name: &str) -> Result<(), RegistryError> {
+        let mut inner = self.lock();
+        let group = inner.groups.get(name).ok_or_else(|| RegistryError::UnknownGroup(name.into()))?;
+        if let Some(device) = group.devices.iter().find(|d| inner.claims.contains_key(*d)) {
+            return Err(RegistryError::Busy { device: device.clone(), job: inner.claims[device].clone() });
+        }
+        inner.groups.remove(name);
+        Ok(())
+    }
+
+    /// Claims every named device for `job_id`, all or none. Claiming again for the same
+    /// job id is refused too: idempotent restarts are handled by the job table.
+    pub fn claim(self: &Arc<Self>, job_id: &str, names: &[String]) -> Result<Claim, RegistryError> {
+        let mut inner = self.lock();
+        let mut devices = Vec::with_capacity(names.len());
+        let mut seen = std::collections::HashSet::new();
+        for name in names {
+            if !seen.insert(name) {
+                return Err(RegistryError::Repeated(name.clone()));
+            }
+            let entry = inner.devices.get(name).ok_or_else(|| RegistryError::UnknownDevice(name.clone()))?;
+            if let Some(job) = inner.claims.get(name) {
+                return Err(RegistryError::Busy { device: name.clone(), job: job.clone() });
+            }
+            devices.push((name.clone(), entry.clone()));
+        }
+        for name in names {
+            inner.claims.insert(name.clone(), job_id.to_string());
+        }
+        Ok(Claim { registry: self.clone(), job_id: job_id.to_string(), devices })
+    }
+}
