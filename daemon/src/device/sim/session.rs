@@ -13,8 +13,9 @@
 //! (0 or ENOMSG) at the end of what PRE_COPY has to offer, EFAULT or ENOMEM on the very
 //! write that carries an incompatible header or bytes beyond the END record. A raw fd
 //! taken out of the `DataFd` (or passed to another process) still moves the same bytes,
-//! with plain pipe semantics: EOF instead of ENODEV, and stream errors reported only at
-//! RESUMING→STOP.
+//! with plain pipe semantics: EOF instead of ENODEV, a blocking read instead of a
+//! temporary end, PRECOPY_INFO's `initial_bytes` not counting down (it counts the reads
+//! made through the `DataFd`), and stream errors reported only at RESUMING→STOP.
 //!
 //! Locks: the device's lock is taken before a session's, never the other way round;
 //! the threads never take the device's lock.
