@@ -4,6 +4,7 @@
 //! - [`fsm`]: the kernel's migration state machine, pure and exhaustively tested;
 //! - [`vfio`]: the kernel boundary (uAPI structs, ioctls, open paths) — the only `unsafe`;
 //! - [`device`]: the `MigrationDevice` trait, the real VFIO backend and the simulator;
+//! - [`dirty`]: DMA-logging ranges, the group dirty bitmap and the tracker;
 //! - [`engine`]: the group sequencer (plan, source, destination, two-phase commit);
 //! - [`job`]: job identity, phases, progress, downtime;
 //! - [`registry`]: devices and groups owned by this daemon;
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod engine;
 pub mod fsm;
 pub mod job;
