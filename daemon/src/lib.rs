@@ -6,6 +6,7 @@
 //! - [`device`]: the `MigrationDevice` trait, the real VFIO backend and the simulator;
 //! - [`dirty`]: DMA-logging ranges, the group dirty bitmap and the tracker;
 //! - [`engine`]: the group sequencer (plan, source, destination, two-phase commit);
+//! - [`stream`]: the device-state stream between daemons (frames, pumps, connections);
 //! - [`job`]: job identity, phases, progress, downtime;
 //! - [`registry`]: devices and groups owned by this daemon;
 //! - [`config`]: the TOML configuration.
@@ -18,5 +19,6 @@ pub mod engine;
 pub mod fsm;
 pub mod job;
 pub mod registry;
+pub mod stream;
 #[allow(unsafe_code)]
 pub mod vfio;
