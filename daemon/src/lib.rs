@@ -9,9 +9,11 @@
 //! - [`stream`]: the device-state stream between daemons (frames, pumps, connections);
 //! - [`job`]: job identity, phases, progress, downtime;
 //! - [`registry`]: devices and groups owned by this daemon;
+//! - [`api`]: the gRPC services (control API, peer API);
 //! - [`config`]: the TOML configuration.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod device;
 pub mod dirty;

@@ -1,0 +1,2 @@
+//! gRPC services.
+pub mod peer;
