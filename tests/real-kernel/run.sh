@@ -7,14 +7,14 @@
 # Runs as root (apt-get, mknod-free initramfs). Environment:
 #   VFIO_MIGD_CACHE               kernel/mtty cache   (default /var/cache/vfio-migd-real-kernel)
 #   VFIO_MIGD_STATIC_TARGET_DIR   static cargo builds (default <repo>/target/static)
-#   VFIO_MIGD_QEMU_TIMEOUT        seconds for the guest (default 600)
+#   VFIO_MIGD_QEMU_TIMEOUT        seconds for the guest (default 300; a pass takes ~10 s)
 # The verdict comes from the guest's serial log only: QEMU exits 0 whatever happens inside.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cache_root=${VFIO_MIGD_CACHE:-/var/cache/vfio-migd-real-kernel}
 static_target=${VFIO_MIGD_STATIC_TARGET_DIR:-$repo/target/static}
-qemu_timeout=${VFIO_MIGD_QEMU_TIMEOUT:-600}
+qemu_timeout=${VFIO_MIGD_QEMU_TIMEOUT:-300}
 work=$repo/target/real-kernel
 guest_bins=(vfio-kernel-check)
 verdict_tag='@@vfio-migd-real-kernel-verdict@@'
@@ -67,6 +67,11 @@ resolve_abi() {
     apt-cache depends linux-image-6.12-amd64 2>/dev/null |
         sed -nE 's/^ *Depends: linux-image-(6\.12\.[^ ]+)-amd64$/\1/p' | head -n1
 }
+
+# One run at a time per cache: a second run waits instead of unpacking over the first.
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.lock"
+flock 9
 
 ensure_security_suite
 abi=$(resolve_abi)
@@ -128,18 +133,21 @@ moddir=$root/lib/modules/$kernel_release
 mtty_dir=$kdir/mtty
 if [[ ! -f $mtty_dir/mtty.ko ]]; then
     log "building mtty.ko"
-    rm -rf "$mtty_dir"
-    mkdir -p "$mtty_dir"
+    # Built aside and moved into place, so an interrupted build is never taken for a cached one.
+    build=$kdir/mtty.build
+    rm -rf "$mtty_dir" "$build"
+    mkdir -p "$build"
     tarball=$(find "$root/usr/src" -maxdepth 1 -name 'linux-source-6.12.tar.*' -print -quit)
     [[ -n $tarball ]] || die "linux-source-6.12 tarball missing from $root/usr/src"
-    tar -xf "$tarball" -C "$mtty_dir" --strip-components=3 linux-source-6.12/samples/vfio-mdev/mtty.c
-    echo 'obj-m := mtty.o' >"$mtty_dir/Kbuild"
+    tar -xf "$tarball" -C "$build" --strip-components=3 linux-source-6.12/samples/vfio-mdev/mtty.c
+    echo 'obj-m := mtty.o' >"$build/Kbuild"
     # The headers' Makefile includes the -common tree (and kbuild) by absolute /usr/src
     # path; point it into the unpacked root instead.
     headers=$root/usr/src/linux-headers-$kernel_release
     sed -i "s|^include /usr/src/|include $root/usr/src/|" "$headers/Makefile"
-    make -s -C "$headers" M="$mtty_dir" CC=gcc-12 modules >"$mtty_dir/build.log" 2>&1 ||
-        { cat "$mtty_dir/build.log" >&2; die "mtty.ko build failed"; }
+    make -s -C "$headers" M="$build" CC=gcc-12 modules >"$build/build.log" 2>&1 ||
+        { cat "$build/build.log" >&2; die "mtty.ko build failed"; }
+    mv "$build" "$mtty_dir"
 fi
 
 # --- 4. static guest binaries ------------------------------------------------------------
