@@ -38,6 +38,15 @@ pub enum Op {
     Reset,
     DataRead,
     DataWrite,
+    GetRegionInfo,
+    RegionRead,
+    RegionWrite,
+    EnablePrecopyInfoV2,
+    IommufdIoasAlloc,
+    IommufdHwInfo,
+    IommufdHwptAlloc,
+    IommufdSetDirtyTracking,
+    IommufdGetDirtyBitmap,
 }
 
 impl fmt::Display for Op {
@@ -59,6 +68,15 @@ impl fmt::Display for Op {
             Op::Reset => f.write_str("DEVICE_RESET"),
             Op::DataRead => f.write_str("data_fd read"),
             Op::DataWrite => f.write_str("data_fd write"),
+            Op::GetRegionInfo => f.write_str("GET_REGION_INFO"),
+            Op::RegionRead => f.write_str("region read"),
+            Op::RegionWrite => f.write_str("region write"),
+            Op::EnablePrecopyInfoV2 => f.write_str("SET MIG_PRECOPY_INFOv2"),
+            Op::IommufdIoasAlloc => f.write_str("IOMMU_IOAS_ALLOC"),
+            Op::IommufdHwInfo => f.write_str("IOMMU_GET_HW_INFO"),
+            Op::IommufdHwptAlloc => f.write_str("IOMMU_HWPT_ALLOC"),
+            Op::IommufdSetDirtyTracking => f.write_str("IOMMU_HWPT_SET_DIRTY_TRACKING"),
+            Op::IommufdGetDirtyBitmap => f.write_str("IOMMU_HWPT_GET_DIRTY_BITMAP"),
         }
     }
 }
