@@ -48,13 +48,19 @@ fi
 # --- 2. Debian's 6.12 kernel, resolved, fetched and unpacked into the cache ---------------
 # The 6.12 kernels of bookworm live only in bookworm-security. If no apt source carries
 # that suite, derive one from the machine's own Debian mirror (same host, "-security").
+apt_source_files() {
+    find /etc/apt/sources.list /etc/apt/sources.list.d -maxdepth 1 -type f \
+        \( -name sources.list -o -name '*.list' -o -name '*.sources' \) 2>/dev/null
+}
 ensure_security_suite() {
-    if grep -rqs 'bookworm-security' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    local files
+    mapfile -t files < <(apt_source_files)
+    [[ ${#files[@]} -gt 0 ]] || die "no apt sources"
+    if grep -qs 'bookworm-security' "${files[@]}"; then
         return
     fi
     local mirror
-    mirror=$(grep -rhoE '(https?|file)://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null |
-        head -n1 | tr -d ' ')
+    mirror=$(grep -hoE '(https?|file)://[^ ]+/debian/?( |$)' "${files[@]}" | head -n1 | tr -d ' ' || true)
     [[ -n $mirror ]] || die "no Debian mirror in the apt sources to derive bookworm-security from"
     mirror=${mirror%/}
     log "adding bookworm-security (${mirror}-security) to the apt sources"
