@@ -1,5 +1,8 @@
 //! Support for end-to-end tests: real `vfio-migd` daemon processes with simulated devices,
-//! driven through the real control API over their Unix sockets.
+//! driven through the real control API over their Unix sockets; and the mtty stream
+//! layout used by the real-kernel test's guest program.
+
+pub mod mtty;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
