@@ -7,14 +7,20 @@
 //! - [`engine`]: the group sequencer (plan, source, destination, two-phase commit);
 //! - [`job`]: job identity, phases, progress, downtime;
 //! - [`registry`]: devices and groups owned by this daemon;
-//! - [`config`]: the TOML configuration.
+//! - [`config`]: the TOML configuration;
+//! - [`api`]: the control and peer gRPC services and the listeners;
+//! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
+//! - [`telemetry`]: logging setup.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod device;
 pub mod engine;
 pub mod fsm;
+pub mod handoff;
 pub mod job;
 pub mod registry;
+pub mod telemetry;
 #[allow(unsafe_code)]
 pub mod vfio;
