@@ -300,6 +300,13 @@ pub trait MigrationDevice: Send + Sync + fmt::Debug {
 
     /// `VFIO_DEVICE_RESET`: back to RUNNING, every session and data_fd disabled.
     fn reset(&self) -> Result<(), DeviceError>;
+
+    /// A digest of the device's migratable state, where the backend can compute one
+    /// without disturbing the device (the simulator can; a real device cannot, so the
+    /// default is `None`). Lets a demo or a test prove byte-for-byte equality end to end.
+    fn content_digest(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Checks a SET against the FSM before it is issued, the way every implementation must:
