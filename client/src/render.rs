@@ -51,6 +51,7 @@ pub fn device_json(d: &pb::Device) -> Value {
         "dma_logging": d.dma_logging,
         "group": d.group,
         "job_id": d.job_id,
+        "content_digest": d.content_digest,
     })
 }
 
@@ -82,7 +83,7 @@ pub fn device_details(d: &pb::Device) -> String {
     let identity = d.identity.clone().unwrap_or_default();
     format!(
         "name:        {}\nbackend:     {}\nidentity:    {}/{}\ncaps:        {}\nstate:       {}\n\
-         data size:   {} ({} bytes)\ndma logging: {}\ngroup:       {}\njob:         {}\n",
+         data size:   {} ({} bytes)\ndma logging: {}\ngroup:       {}\njob:         {}\n{}",
         d.name,
         d.backend,
         identity.driver,
@@ -93,7 +94,12 @@ pub fn device_details(d: &pb::Device) -> String {
         d.data_size,
         if d.dma_logging { "supported" } else { "not supported" },
         dash(&d.group),
-        dash(&d.job_id)
+        dash(&d.job_id),
+        if d.content_digest.is_empty() {
+            String::new()
+        } else {
+            format!("digest:      {}\n", d.content_digest)
+        }
     )
 }
 

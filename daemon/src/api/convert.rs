@@ -148,6 +148,7 @@ pub fn device_to_proto(
         dma_logging: summary.dma_logging.as_ref().copied().unwrap_or(false),
         group: group.unwrap_or_default(),
         job_id: job.unwrap_or_default(),
+        content_digest: summary.content_digest.clone().unwrap_or_default(),
     }
 }
 

@@ -37,6 +37,7 @@ use crate::engine::Daemon;
 /// would stall every stream on round trips.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -176,10 +177,16 @@ impl ApiServer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApiError> {
         let ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer } = self;
         let _remove_on_exit = (control_file, handoff_file);
+        // Only what this socket serves is listed: the Peer service shares the descriptor
+        // set but lives on the peer listener.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(vfio_migd_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(CONTROL_SERVICE)
+                .with_service_name(HEALTH_SERVICE)
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;

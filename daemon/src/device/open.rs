@@ -267,6 +267,9 @@ impl MigrationDevice for Anchored {
     fn reset(&self) -> Result<(), DeviceError> {
         self.device.reset()
     }
+    fn content_digest(&self) -> Option<String> {
+        self.device.content_digest()
+    }
 }
 
 /// What the daemon reports about a device it holds. Each query is a blocking uAPI call;
@@ -279,6 +282,8 @@ pub struct DeviceSummary {
     pub state: Result<State, DeviceError>,
     pub data_size: Result<u64, DeviceError>,
     pub dma_logging: Result<bool, DeviceError>,
+    /// Where the backend can tell without disturbing the device (the simulator).
+    pub content_digest: Option<String>,
 }
 
 impl DeviceSummary {
@@ -291,6 +296,7 @@ impl DeviceSummary {
             state: device.state(),
             data_size: device.data_size(),
             dma_logging: device.dma_logging_supported(),
+            content_digest: device.content_digest(),
         }
     }
 }
