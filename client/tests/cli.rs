@@ -228,3 +228,87 @@ async fn watch_ends_with_a_summary_and_the_outcome_as_exit_code() {
     assert!(stdout(&shown).contains("rolled-back"));
     served.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_groups_plans_and_handoff_through_the_cli() {
+    let served = Served::start().await;
+    let socket = served.socket();
+    let run = |args: &'static [&'static str]| migctl(&socket, args);
+
+    let registered = run(&[
+        "devices",
+        "register",
+        "nic0",
+        "--sim",
+        "STOP_COPY|P2P",
+        "--state-size",
+        "64KiB",
+        "--model",
+        "sim-nic",
+    ])
+    .await;
+    assert_eq!(registered.status.code(), Some(0), "{}", stderr(&registered));
+    assert!(stdout(&registered).contains("identity:    sim/sim-nic"), "{}", stdout(&registered));
+    let gpu = run(&["--json", "devices", "register", "gpu0", "--sim", "STOP_COPY|P2P|PRE_COPY"]).await;
+    assert_eq!(json(&gpu)["caps"], "STOP_COPY|P2P|PRE_COPY");
+
+    let listed = json(&run(&["--json", "devices"]).await);
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["gpu0", "nic0"]);
+    assert_eq!(listed[1]["state"], "RUNNING");
+    let table = stdout(&run(&["devices", "list"]).await);
+    assert!(
+        table.starts_with("NAME") && table.contains("nic0") && table.contains("STOP_COPY|P2P"),
+        "{table}"
+    );
+
+    let defined = run(&["groups", "define", "vm1", "nic0", "gpu0"]).await;
+    assert_eq!(defined.status.code(), Some(0), "{}", stderr(&defined));
+    let plan = json(&run(&["--json", "migrate", "--group", "vm1", "--dry-run"]).await);
+    assert_eq!(plan["group"], "vm1");
+    assert_eq!(plan["devices"][1]["pre_copy"], true);
+    assert!(plan["steps"].as_array().unwrap().len() >= 5);
+    let plan_text = stdout(&run(&["migrate", "--group", "vm1", "--dry-run"]).await);
+    assert!(plan_text.contains("p2p barrier"), "{plan_text}");
+
+    let handoff_socket = served.daemon.config.handoff.socket.display().to_string();
+    let handed = migctl(
+        &socket,
+        &[
+            "handoff",
+            "--name",
+            "uart0",
+            "--sim",
+            "STOP_COPY",
+            "--group",
+            "vm2",
+            "--handoff-socket",
+            &handoff_socket,
+        ],
+    )
+    .await;
+    assert_eq!(handed.status.code(), Some(0), "{}", stderr(&handed));
+    assert!(stdout(&handed).starts_with("handed over: uart0"), "{}", stdout(&handed));
+    let refused = migctl(
+        &socket,
+        &["--json", "handoff", "--name", "uart0", "--sim", "STOP_COPY", "--handoff-socket", &handoff_socket],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    let reply = json(&refused);
+    assert_eq!(reply["ok"], false);
+    assert!(reply["error"].as_str().unwrap().contains("already registered"), "{reply}");
+
+    let groups = json(&run(&["--json", "groups"]).await);
+    assert_eq!(groups.as_array().map(Vec::len), Some(2));
+    let uart = json(&run(&["--json", "devices", "show", "uart0"]).await);
+    assert_eq!((uart["backend"].as_str(), uart["group"].as_str()), (Some("handoff"), Some("vm2")));
+
+    let busy = run(&["devices", "release", "nic0"]).await;
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(one_line_error(&busy).contains("belongs to group `vm1`"));
+    assert_eq!(run(&["groups", "delete", "vm1"]).await.status.code(), Some(0));
+    let released = run(&["--json", "devices", "release", "nic0"]).await;
+    assert_eq!(json(&released)["released"], "nic0");
+    served.stop().await;
+}

@@ -24,7 +24,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::device::DeviceIdentity;
-use crate::device::open::{self, DeviceSummary, Handover, SimParams};
+use crate::device::open::{self, DeviceSummary, Handover};
+use crate::device::sim::SimSpec;
 use crate::engine::Daemon;
 use crate::registry::Backend;
 
@@ -60,9 +61,10 @@ pub struct HandoffRequest {
     pub identity: Option<DeviceIdentity>,
     #[serde(default)]
     pub backend: BackendHint,
-    /// Required with `"backend": "sim"`.
+    /// Required with `"backend": "sim"`: the keys of a `[[device]]` table with
+    /// `kind = "sim"` (`model`, `state_size`, `seed`, `caps`, ...), without `name`.
     #[serde(default)]
-    pub sim: Option<SimParams>,
+    pub sim: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The answer line.
@@ -203,7 +205,12 @@ async fn accept(daemon: &Arc<Daemon>, line: &[u8], fd: OwnedFd) -> Result<String
     }
     let handover = match (request.backend, request.sim) {
         (BackendHint::Vfio, None) => Handover::Vfio { fd },
-        (BackendHint::Sim, Some(params)) => Handover::Sim { params, anchor: fd },
+        (BackendHint::Sim, Some(mut keys)) => {
+            keys.insert("name".into(), serde_json::Value::String(request.name.clone()));
+            let spec = SimSpec::deserialize(serde_json::Value::Object(keys))
+                .map_err(|e| HandoffError::BadRequest(format!("`sim`: {e}")))?;
+            Handover::Sim { spec: Box::new(spec), anchor: fd }
+        }
         (BackendHint::Sim, None) => {
             return Err(HandoffError::BadRequest("`\"backend\": \"sim\"` needs a `sim` object".into()));
         }

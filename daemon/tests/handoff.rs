@@ -109,3 +109,73 @@ async fn malformed_requests_are_refused_with_the_reason() {
     }
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_simulated_device_is_handed_over_into_its_group_and_anchored_by_its_fd() {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use vfio_migd_proto::v1 as pb;
+
+    let daemon = TestDaemon::start().await;
+    let socket = daemon.handoff_socket();
+    let (anchor_reader, anchor_writer) = nix::unistd::pipe().unwrap();
+    fcntl(&anchor_reader, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+    let replies = tokio::task::spawn_blocking(move || {
+        let sim = json!({ "model": "sim-nic", "state_size": "64KiB", "caps": "STOP_COPY|P2P" });
+        let first = hand_over(
+            &socket,
+            &json!({ "name": "nic0", "group": "vm1", "backend": "sim", "sim": sim }),
+            anchor_writer.as_fd(),
+        )
+        .unwrap();
+        drop(anchor_writer);
+        let other = vfio_migctl::handoff::sim_anchor().unwrap();
+        let second = hand_over(
+            &socket,
+            &json!({ "name": "gpu0", "group": "vm1", "backend": "sim", "sim": { "caps": "STOP_COPY" },
+                     "identity": { "driver": "sim", "model": "sim" } }),
+            other.as_fd(),
+        )
+        .unwrap();
+        let mismatch = hand_over(
+            &socket,
+            &json!({ "name": "gpu1", "backend": "sim", "sim": {}, "identity": { "driver": "sim", "model": "x" } }),
+            other.as_fd(),
+        )
+        .unwrap();
+        let bad_key = hand_over(
+            &socket,
+            &json!({ "name": "gpu2", "backend": "sim", "sim": { "colour": "blue" } }),
+            other.as_fd(),
+        )
+        .unwrap();
+        let vfio_with_sim = hand_over(&socket, &json!({ "name": "gpu3", "sim": {} }), other.as_fd()).unwrap();
+        [first, second, mismatch, bad_key, vfio_with_sim]
+    })
+    .await
+    .unwrap();
+    let [first, second, mismatch, bad_key, vfio_with_sim] = replies;
+    assert!(first.ok, "{first:?}");
+    assert!(first.device.as_deref().unwrap().contains("sim/sim-nic"), "{first:?}");
+    assert!(second.ok, "{second:?}");
+    assert!(refusal(mismatch).contains("identity mismatch"));
+    assert!(refusal(bad_key).contains("colour"));
+    assert!(refusal(vfio_with_sim).contains("needs `\"backend\": \"sim\"`"));
+
+    let mut control = daemon.control().await;
+    let group = control.get_group(pb::GetGroupRequest { name: "vm1".into() }).await.unwrap().into_inner();
+    assert_eq!(group.devices, ["nic0", "gpu0"]);
+    let nic = control.get_device(pb::GetDeviceRequest { name: "nic0".into() }).await.unwrap().into_inner();
+    assert_eq!(
+        (nic.backend.as_str(), nic.caps.as_str(), nic.state.as_str()),
+        ("handoff", "STOP_COPY|P2P", "RUNNING")
+    );
+    assert_eq!(nic.group, "vm1");
+
+    // The daemon holds the anchor as long as it holds the device.
+    let mut byte = [0u8; 1];
+    assert_eq!(nix::unistd::read(&anchor_reader, &mut byte), Err(nix::errno::Errno::EAGAIN));
+    control.delete_group(pb::DeleteGroupRequest { name: "vm1".into() }).await.unwrap();
+    control.release_device(pb::ReleaseDeviceRequest { name: "nic0".into() }).await.unwrap();
+    assert_eq!(nix::unistd::read(&anchor_reader, &mut byte), Ok(0), "released: the anchor is closed");
+    daemon.stop().await.unwrap();
+}

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,9 +15,10 @@ use vfio_migd_proto::v1::register_device_request::Source;
 
 use super::convert::{
     decision_from_proto, device_error, device_to_proto, group_to_proto, job_to_proto, plan_to_proto,
-    registry_status,
+    registry_status, sim_spec_from_proto,
 };
-use crate::device::open::{self, DeviceSummary, RealDevice, SimParams};
+use crate::device::open::{self, DeviceSummary, RealDevice};
+use crate::device::{DeviceError, Op};
 use crate::engine::Daemon;
 use crate::engine::source::MigrationRequest;
 use crate::job::Job;
@@ -72,26 +74,24 @@ impl pb::control_server::Control for ControlService {
             return Err(registry_status(crate::registry::RegistryError::DuplicateDevice(req.name)));
         }
         let name = req.name.clone();
-        let opened = tokio::task::spawn_blocking(move || match req.source {
-            Some(Source::SysfsDevice(sysfs_device)) => {
+        let sim = match &req.source {
+            Some(Source::Simulated(spec)) => Some(sim_spec_from_proto(&name, spec)?),
+            _ => None,
+        };
+        let opened = tokio::task::spawn_blocking(move || match (req.source, sim) {
+            (Some(Source::SysfsDevice(sysfs_device)), _) => {
                 let source = RealDevice::Group { sysfs_device };
                 open::open_real_device(&name, &source).map(|d| (d, source.backend()))
             }
-            Some(Source::CdevPath(path)) => {
+            (Some(Source::CdevPath(path)), _) => {
                 let source = RealDevice::Cdev { path: path.into() };
                 open::open_real_device(&name, &source).map(|d| (d, source.backend()))
             }
-            Some(Source::Simulated(spec)) => {
-                let params = SimParams {
-                    model: spec.model,
-                    state_size: spec.state_size,
-                    seed: spec.seed,
-                    caps: spec.caps,
-                };
-                open::open_sim_device(&name, &params).map(|d| (d, Backend::Sim))
+            (Some(Source::Simulated(_)), Some(spec)) => {
+                open::open_sim_device(spec).map(|d| (d, Backend::Sim))
             }
-            None => {
-                Err(crate::device::DeviceError::os(&name, crate::device::Op::Open, nix::errno::Errno::EINVAL)
+            (Some(Source::Simulated(_)), None) | (None, _) => {
+                Err(DeviceError::os(&name, Op::Open, Errno::EINVAL)
                     .with_detail("give one of `sysfs_device`, `cdev_path` or `simulated`"))
             }
         })

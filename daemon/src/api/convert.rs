@@ -7,8 +7,10 @@ use tonic::{Code, Status};
 use vfio_migd_proto::v1 as pb;
 
 use crate::device::open::DeviceSummary;
+use crate::device::sim::SimSpec;
 use crate::device::{DeviceError, ErrorKind};
 use crate::engine::{Decision, EngineError, GroupPlan};
+use crate::fsm::Caps;
 use crate::job::{JobSnapshot, JobStatus, Role};
 use crate::registry::{Backend, GroupDef, RegistryError};
 
@@ -46,6 +48,31 @@ pub(crate) fn device_error(e: DeviceError) -> EngineError {
         | ErrorKind::BadFdUse => EngineError::FailedPrecondition(text),
         _ => EngineError::Internal(text),
     }
+}
+
+/// A simulated device as `RegisterDevice` describes it. proto3 cannot tell an absent
+/// field from zero, so zero and empty mean "the simulator's default": model `sim`, 1 MiB
+/// of state, a seed derived from the name, every capability.
+pub(crate) fn sim_spec_from_proto(name: &str, spec: &pb::SimulatedDeviceSpec) -> Result<SimSpec, Status> {
+    let mut sim = SimSpec::new(name);
+    if !spec.model.is_empty() {
+        sim.model.clone_from(&spec.model);
+    }
+    if spec.state_size != 0 {
+        sim.state_size = spec.state_size;
+    }
+    if spec.seed != 0 {
+        sim.seed = Some(spec.seed);
+    }
+    if !spec.caps.trim().is_empty() {
+        sim.caps = Caps::parse(&spec.caps).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "device `{name}`: capabilities `{}` are not STOP_COPY|P2P|PRE_COPY",
+                spec.caps
+            ))
+        })?;
+    }
+    Ok(sim)
 }
 
 pub(crate) fn decision_from_proto(raw: i32) -> Result<Option<Decision>, Status> {

@@ -14,6 +14,7 @@ pub mod vfio;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 
@@ -39,6 +40,15 @@ pub enum Op {
     Reset,
     DataRead,
     DataWrite,
+    GetRegionInfo,
+    RegionRead,
+    RegionWrite,
+    EnablePrecopyInfoV2,
+    IommufdIoasAlloc,
+    IommufdHwInfo,
+    IommufdHwptAlloc,
+    IommufdSetDirtyTracking,
+    IommufdGetDirtyBitmap,
 }
 
 impl fmt::Display for Op {
@@ -60,6 +70,15 @@ impl fmt::Display for Op {
             Op::Reset => f.write_str("DEVICE_RESET"),
             Op::DataRead => f.write_str("data_fd read"),
             Op::DataWrite => f.write_str("data_fd write"),
+            Op::GetRegionInfo => f.write_str("GET_REGION_INFO"),
+            Op::RegionRead => f.write_str("region read"),
+            Op::RegionWrite => f.write_str("region write"),
+            Op::EnablePrecopyInfoV2 => f.write_str("SET MIG_PRECOPY_INFOv2"),
+            Op::IommufdIoasAlloc => f.write_str("IOMMU_IOAS_ALLOC"),
+            Op::IommufdHwInfo => f.write_str("IOMMU_GET_HW_INFO"),
+            Op::IommufdHwptAlloc => f.write_str("IOMMU_HWPT_ALLOC"),
+            Op::IommufdSetDirtyTracking => f.write_str("IOMMU_HWPT_SET_DIRTY_TRACKING"),
+            Op::IommufdGetDirtyBitmap => f.write_str("IOMMU_HWPT_GET_DIRTY_BITMAP"),
         }
     }
 }
@@ -168,25 +187,64 @@ pub enum Direction {
     Resuming,
 }
 
+/// The file operations behind a data_fd that user space serves itself (the simulator's
+/// pipes). A bare pipe cannot answer what the kernel's file answers: ENODEV once the
+/// driver disabled the session, a temporary end (0 or ENOMSG) in PRE_COPY while the
+/// writer side is still open, EFAULT or ENOMEM on the very write that carried a bad
+/// resume stream. A backend that needs those answers attaches these operations to the
+/// [`DataFd`] it hands out; they do the actual `read(2)`/`write(2)` on `fd` themselves.
+pub trait DataFdOps: Send + Sync + fmt::Debug {
+    fn read(&self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno>;
+    fn write(&self, fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno>;
+}
+
 /// A transfer session's `data_fd`: a blocking stream file. Reads and writes retry on
-/// EINTR; everything else is reported as the kernel said it.
+/// EINTR; everything else is reported as the kernel (or the backend's [`DataFdOps`]) said it.
 #[derive(Debug)]
 pub struct DataFd {
     fd: OwnedFd,
     direction: Direction,
+    ops: Option<Arc<dyn DataFdOps>>,
 }
 
 impl DataFd {
     pub fn new(fd: OwnedFd, direction: Direction) -> DataFd {
-        DataFd { fd, direction }
+        DataFd { fd, direction, ops: None }
+    }
+
+    /// A data_fd whose reads and writes go through a user-space backend's operations.
+    pub fn with_ops(fd: OwnedFd, direction: Direction, ops: Arc<dyn DataFdOps>) -> DataFd {
+        DataFd { fd, direction, ops: Some(ops) }
     }
 
     pub fn direction(&self) -> Direction {
         self.direction
     }
 
+    /// The user-space operations behind this fd, if a backend attached any; lets a
+    /// backend recognise its own sessions (e.g. for `VFIO_MIG_GET_PRECOPY_INFO`).
+    pub fn ops(&self) -> Option<&Arc<dyn DataFdOps>> {
+        self.ops.as_ref()
+    }
+
+    /// The bare fd. Operations a backend attached are dropped: from then on it behaves
+    /// like the plain pipe it is (EOF rather than ENODEV when the session is disabled).
     pub fn into_owned_fd(self) -> OwnedFd {
         self.fd
+    }
+
+    fn read_once(&self, buf: &mut [u8]) -> Result<usize, Errno> {
+        match &self.ops {
+            Some(ops) => ops.read(self.fd.as_fd(), buf),
+            None => nix::unistd::read(self.fd.as_fd(), buf),
+        }
+    }
+
+    fn write_once(&self, buf: &[u8]) -> Result<usize, Errno> {
+        match &self.ops {
+            Some(ops) => ops.write(self.fd.as_fd(), buf),
+            None => nix::unistd::write(self.fd.as_fd(), buf),
+        }
     }
 
     /// Reads what is available; `Ok(0)` is an end of stream (final in STOP_COPY,
@@ -194,7 +252,7 @@ impl DataFd {
     /// an error of kind [`io::ErrorKind::WouldBlock`]-free `Errno`, for the caller to see.
     pub fn read_chunk(&self, buf: &mut [u8]) -> Result<usize, Errno> {
         loop {
-            match nix::unistd::read(self.fd.as_fd(), buf) {
+            match self.read_once(buf) {
                 Err(Errno::EINTR) => continue,
                 other => return other,
             }
@@ -204,7 +262,7 @@ impl DataFd {
     /// Writes all of `buf`, retrying short writes and EINTR.
     pub fn write_all_bytes(&self, mut buf: &[u8]) -> Result<(), Errno> {
         while !buf.is_empty() {
-            match nix::unistd::write(self.fd.as_fd(), buf) {
+            match self.write_once(buf) {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e),
                 Ok(0) => return Err(Errno::EIO),
@@ -236,7 +294,7 @@ impl Read for &DataFd {
 impl Write for &DataFd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            match nix::unistd::write(self.fd.as_fd(), buf) {
+            match self.write_once(buf) {
                 Err(Errno::EINTR) => continue,
                 other => return other.map_err(io::Error::from),
             }

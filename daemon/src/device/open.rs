@@ -13,15 +13,19 @@ use std::fmt;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::errno::Errno;
 
+use super::sim::{SimDevice, SimSpec, SimSpecError};
+use super::vfio::{VfioDevice, sysfs_identity};
 use super::{DataFd, DeviceError, DeviceIdentity, IovaRange, MigrationDevice, Op, PrecopyInfo};
 use crate::config::DeviceConfig;
 use crate::fsm::{Caps, State};
 use crate::registry::Backend;
+use crate::vfio::sysfs::link_basename;
+use crate::vfio::{Attach, VfioHost};
 
 /// Where a real VFIO device is opened from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,19 +54,6 @@ impl fmt::Display for RealDevice {
     }
 }
 
-/// The parameters of a simulated device (the control API's `SimulatedDeviceSpec`, the
-/// handoff message's `sim` object).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SimParams {
-    pub model: String,
-    pub state_size: u64,
-    #[serde(default)]
-    pub seed: u64,
-    /// `STOP_COPY|P2P|PRE_COPY` spelling, see [`Caps::parse`].
-    pub caps: String,
-}
-
 /// A device the daemon holds, and how it came to hold it.
 #[derive(Debug)]
 pub struct OpenedDevice {
@@ -70,37 +61,61 @@ pub struct OpenedDevice {
     pub backend: Backend,
 }
 
-fn backend_missing(name: &str, what: &str) -> DeviceError {
-    DeviceError::os(name, Op::Open, Errno::EOPNOTSUPP).with_detail(format!(
-        "this build of vfio-migd has no {what} backend (it lives in `device::{}`)",
-        if what == "simulator" { "sim" } else { "vfio" }
-    ))
-}
-
-/// Opens a real VFIO device by path. The single place where the VFIO backend is called to
-/// open a device the daemon finds itself.
-pub fn open_real_device(name: &str, source: &RealDevice) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
-    if let RealDevice::Cdev { path } = source {
-        fs::metadata(path).map_err(|e| {
-            DeviceError::os(name, Op::Open, Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
-                .with_detail(format!("{}", path.display()))
-        })?;
+/// Errors of a lookup done by another name (the sysfs name) still name the device the
+/// way the operator does.
+fn as_named(name: &str, looked_up: &str) -> impl FnOnce(DeviceError) -> DeviceError {
+    let shown = format!("{name} ({looked_up})");
+    move |mut e| {
+        e.device = shown;
+        e
     }
-    Err(backend_missing(name, "VFIO").with_detail(format!("cannot open {source}: VFIO backend not built in")))
 }
 
-/// Creates a simulated device. The single place where the simulator is instantiated.
-pub fn open_sim_device(name: &str, params: &SimParams) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
-    let caps = parse_caps(name, &params.caps)?;
-    Err(backend_missing(name, "simulator")
-        .with_detail(format!("cannot simulate `{}` ({caps}): simulator not built in", params.model)))
+/// Opens a real VFIO device by path: the single place where the daemon opens a device
+/// node itself. A cdev device gets a fresh iommufd and IOAS of its own: the daemon maps no
+/// guest memory, it only drives the migration uAPI.
+pub fn open_real_device(name: &str, source: &RealDevice) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
+    let host = VfioHost::system();
+    let device = match source {
+        RealDevice::Group { sysfs_device } => {
+            let named = || as_named(name, sysfs_device);
+            let identity = sysfs_identity(host.sysfs(), sysfs_device).map_err(named())?;
+            let handle = host.open_group(sysfs_device).map_err(named())?.renamed(name);
+            VfioDevice::new(handle, identity)
+        }
+        RealDevice::Cdev { path } => {
+            fs::metadata(path).map_err(|e| io_open_error(name, &e, format!("{}", path.display())))?;
+            let sysfs_name = cdev_sysfs_name(&host, name, path)?;
+            let identity = sysfs_identity(host.sysfs(), &sysfs_name).map_err(as_named(name, &sysfs_name))?;
+            let iommufd = host.open_iommufd()?;
+            VfioDevice::new(host.open_cdev_path(name, path, &iommufd, Attach::NewIoas)?, identity)
+        }
+    };
+    Ok(Arc::new(device))
 }
 
-fn parse_caps(name: &str, text: &str) -> Result<Caps, DeviceError> {
-    Caps::parse(text).ok_or_else(|| {
-        DeviceError::os(name, Op::Open, Errno::EINVAL)
-            .with_detail(format!("capabilities `{text}` are not STOP_COPY|P2P|PRE_COPY"))
-    })
+fn io_open_error(name: &str, e: &std::io::Error, what: String) -> DeviceError {
+    DeviceError::os(name, Op::Open, Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))).with_detail(what)
+}
+
+/// The sysfs name (PCI address, mdev UUID) behind `/dev/vfio/devices/vfioN`:
+/// `/sys/class/vfio-dev/vfioN/device` links to it.
+fn cdev_sysfs_name(host: &VfioHost, name: &str, cdev: &Path) -> Result<String, DeviceError> {
+    let node = cdev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let link = host.sysfs().root().join("class/vfio-dev").join(&node).join("device");
+    link_basename(name, &link)
+}
+
+/// Creates a simulated device: the single place where the simulator is instantiated.
+pub fn open_sim_device(spec: SimSpec) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
+    let name = spec.name.clone();
+    match SimDevice::new(spec) {
+        Ok(device) => Ok(Arc::new(device)),
+        Err(SimSpecError::ArcLog { path, source, .. }) => {
+            Err(io_open_error(&name, &source, format!("arc log {}", path.display())))
+        }
+        Err(e) => Err(DeviceError::os(&name, Op::Open, Errno::EINVAL).with_detail(e.to_string())),
+    }
 }
 
 /// Opens whatever a `[[device]]` table of the configuration names.
@@ -181,34 +196,50 @@ pub enum Handover {
     Vfio { fd: OwnedFd },
     /// A simulated device: the simulator runs in the daemon and the fd is only its
     /// lifetime anchor (see docs/handoff-protocol.md for what this does not model).
-    Sim { params: SimParams, anchor: OwnedFd },
+    Sim { spec: Box<SimSpec>, anchor: OwnedFd },
 }
 
-/// Turns an fd handed over by a VMM into a device. For a real device the fd is checked
-/// to be a VFIO device fd, then the VFIO backend adopts it; `identity` names the device
-/// where the fd alone cannot (a group device fd carries no sysfs path), and must match
-/// what the device reports when it can tell.
+/// Turns an fd handed over by a VMM into a device. A real device's fd is checked to be a
+/// VFIO device fd, then adopted by the VFIO backend (which checks it with
+/// `VFIO_DEVICE_GET_INFO`). `identity` names the device where the fd alone cannot (a
+/// group device fd carries no sysfs path); where the device can tell, they must agree.
 pub fn open_handed_over_device(
     name: &str,
     handover: Handover,
     identity: Option<&DeviceIdentity>,
 ) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
+    let mismatch = |expected: &DeviceIdentity, actual: &DeviceIdentity| {
+        DeviceError::os(name, Op::Open, Errno::EINVAL)
+            .with_detail(format!("identity mismatch: the request says {expected}, the device is {actual}"))
+    };
     match handover {
         Handover::Vfio { fd } => {
-            let kind = classify_vfio_fd(name, fd.as_fd())?;
-            Err(backend_missing(name, "VFIO").with_detail(format!(
-                "cannot adopt the handed-over {kind:?} fd ({}): VFIO backend not built in",
-                identity.map_or_else(|| "no identity given".to_string(), |i| i.to_string())
-            )))
+            let host = VfioHost::system();
+            let found = match classify_vfio_fd(name, fd.as_fd())? {
+                HandedOverFd::Cdev { path } => cdev_sysfs_name(&host, name, &path)
+                    .and_then(|sysfs_name| sysfs_identity(host.sysfs(), &sysfs_name))
+                    .ok(),
+                HandedOverFd::GroupDevice => None,
+            };
+            let identity = match (identity, found) {
+                (Some(given), Some(found)) if *given != found => return Err(mismatch(given, &found)),
+                (Some(given), _) => given.clone(),
+                (None, Some(found)) => found,
+                (None, None) => {
+                    return Err(DeviceError::os(name, Op::Open, Errno::EINVAL).with_detail(
+                        "the fd does not tell which device it is (a VFIO_GROUP_GET_DEVICE_FD fd has no \
+                         sysfs path): give `identity` {driver, model} in the request",
+                    ));
+                }
+            };
+            Ok(Arc::new(VfioDevice::from_inherited(&host, name, fd, identity)?))
         }
-        Handover::Sim { params, anchor } => {
-            let device = open_sim_device(name, &params)?;
+        Handover::Sim { spec, anchor } => {
+            let device = open_sim_device(*spec)?;
             if let Some(expected) = identity {
                 let actual = device.identity();
                 if &actual != expected {
-                    return Err(DeviceError::os(name, Op::Open, Errno::EINVAL).with_detail(format!(
-                        "identity mismatch: expected {expected}, the device is {actual}"
-                    )));
+                    return Err(mismatch(expected, &actual));
                 }
             }
             Ok(Arc::new(Anchored { device, _anchor: anchor }))
