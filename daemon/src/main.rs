@@ -49,6 +49,10 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        if let Err(e) = vfio_migd::telemetry::filter(&config.log) {
+            eprintln!("vfio-migd: {e}");
+            return ExitCode::from(2);
+        }
         print!("{}", summary(&config));
         return ExitCode::SUCCESS;
     }
