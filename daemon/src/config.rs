@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::device::sim::SimSpec;
+use crate::stream::StreamFault;
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vfio-migd/config.toml";
 pub const ENV_PREFIX: &str = "VFIO_MIGD";
 
@@ -153,6 +156,9 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind")]
 pub enum DeviceConfig {
+    /// A simulated device (tests, demos); see `SimSpec` for its keys.
+    #[serde(rename = "sim")]
+    Sim(SimSpec),
     /// A device opened through the legacy group/container path by its sysfs name
     /// (PCI BDF or mdev UUID).
     #[serde(rename = "vfio-group")]
@@ -165,6 +171,7 @@ pub enum DeviceConfig {
 impl DeviceConfig {
     pub fn name(&self) -> &str {
         match self {
+            DeviceConfig::Sim(spec) => &spec.name,
             DeviceConfig::Group { name, .. } | DeviceConfig::Cdev { name, .. } => name,
         }
     }
@@ -174,7 +181,35 @@ impl DeviceConfig {
 #[serde(deny_unknown_fields)]
 pub struct TestConfig {
     /// Corrupts the outgoing device stream (flip a byte, truncate, drop a connection).
-    pub stream_fault: Option<serde_json::Value>,
+    pub stream_fault: Option<StreamFaultConfig>,
+}
+
+/// `[test.stream_fault]`: `kind = "flip_byte" | "truncate" | "duplicate_frame" |
+/// "reorder_frames"` with `device` and `frame`, or `kind = "drop_connection"` with `frame`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StreamFaultConfig {
+    FlipByte { device: u32, frame: u64 },
+    Truncate { device: u32, frame: u64 },
+    DropConnection { frame: u64 },
+    DuplicateFrame { device: u32, frame: u64 },
+    ReorderFrames { device: u32, frame: u64 },
+}
+
+impl From<StreamFaultConfig> for StreamFault {
+    fn from(f: StreamFaultConfig) -> StreamFault {
+        match f {
+            StreamFaultConfig::FlipByte { device, frame } => StreamFault::FlipByte { device, frame },
+            StreamFaultConfig::Truncate { device, frame } => StreamFault::Truncate { device, frame },
+            StreamFaultConfig::DropConnection { frame } => StreamFault::DropConnection { frame },
+            StreamFaultConfig::DuplicateFrame { device, frame } => {
+                StreamFault::DuplicateFrame { device, frame }
+            }
+            StreamFaultConfig::ReorderFrames { device, frame } => {
+                StreamFault::ReorderFrames { device, frame }
+            }
+        }
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -274,6 +309,10 @@ impl Config {
             if device.name().is_empty() {
                 return Err(invalid(&format!("device[{i}].name"), "must not be empty"));
             }
+            if let DeviceConfig::Sim(spec) = device {
+                spec.validate()
+                    .map_err(|e| invalid(&format!("device[{i}] ({})", device.name()), &e.to_string()))?;
+            }
             if !seen.insert(device.name()) {
                 return Err(invalid(
                     &format!("device[{i}].name"),
@@ -318,6 +357,25 @@ mod tests {
         let text = "[test.stream_fault]\nkind = \"truncate\"\ndevice = 0\nframe = 1\n";
         let err = Config::from_toml(text, false).unwrap_err();
         assert!(err.to_string().contains("--allow-test-faults"), "{err}");
+        let config = Config::from_toml(text, true).unwrap();
+        assert_eq!(config.test.stream_fault, Some(StreamFaultConfig::Truncate { device: 0, frame: 1 }));
+    }
+
+    #[test]
+    fn simulated_devices_parse_and_are_checked() {
+        let text = "[[device]]\nkind = \"sim\"\nname = \"nic0\"\nmodel = \"sim-nic\"\nstate_size = \"4MiB\"\n\
+                    caps = \"STOP_COPY|P2P\"\nseed = 7\n";
+        let config = Config::from_toml(text, false).unwrap();
+        match &config.devices[0] {
+            DeviceConfig::Sim(spec) => {
+                assert_eq!(spec.state_size, 4 << 20);
+                assert_eq!(spec.caps, crate::fsm::Caps::MIGRATABLE[1]);
+            }
+            other => panic!("expected a simulated device, got {other:?}"),
+        }
+        let err =
+            Config::from_toml("[[device]]\nkind = \"sim\"\nname = \"x\"\ncolour = 1\n", false).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
     }
 
     #[test]

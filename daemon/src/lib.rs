@@ -4,7 +4,9 @@
 //! - [`fsm`]: the kernel's migration state machine, pure and exhaustively tested;
 //! - [`vfio`]: the kernel boundary (uAPI structs, ioctls, open paths) — the only `unsafe`;
 //! - [`device`]: the `MigrationDevice` trait, the real VFIO backend and the simulator;
+//! - [`dirty`]: DMA-logging ranges, the group dirty bitmap and the tracker;
 //! - [`engine`]: the group sequencer (plan, source, destination, two-phase commit);
+//! - [`stream`]: the device-state stream between daemons (frames, pumps, connections);
 //! - [`job`]: job identity, phases, progress, downtime;
 //! - [`registry`]: devices and groups owned by this daemon;
 //! - [`config`]: the TOML configuration;
@@ -16,11 +18,13 @@
 pub mod api;
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod engine;
 pub mod fsm;
 pub mod handoff;
 pub mod job;
 pub mod registry;
+pub mod stream;
 pub mod telemetry;
 #[allow(unsafe_code)]
 pub mod vfio;

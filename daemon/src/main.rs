@@ -172,6 +172,10 @@ fn summary(config: &Config) -> String {
     line(format!("devices                   {}", config.devices.len()));
     for device in &config.devices {
         line(match device {
+            DeviceConfig::Sim(spec) => format!(
+                "  {}: sim {} caps={} state_size={}",
+                spec.name, spec.model, spec.caps, spec.state_size
+            ),
             DeviceConfig::Group { name, sysfs_device } => format!("  {name}: vfio-group {sysfs_device}"),
             DeviceConfig::Cdev { name, path } => format!("  {name}: vfio-cdev {}", path.display()),
         });

@@ -1,15 +1,18 @@
-//! The peer API (`vfio_migd.v1.Peer`), served to source daemons on the peer listener.
-//! The destination engine answers these calls; until it is wired every call reports the
-//! service as unavailable, so a source fails its handshake cleanly instead of hanging.
+//! The peer API between daemons: a thin translation of `vfio_migd.v1.Peer` onto the
+//! destination engine (and, for QueryJob, the source's journal).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 use vfio_migd_proto::v1 as pb;
+use vfio_migd_proto::v1::peer_server::Peer;
 
+use crate::device::DeviceIdentity;
 use crate::engine::Daemon;
+use crate::engine::destination::{Offer, OfferedDevice};
+use crate::fsm::Caps;
 
-#[derive(Debug, Clone)]
 pub struct PeerService {
     daemon: Arc<Daemon>,
 }
@@ -19,45 +22,96 @@ impl PeerService {
         PeerService { daemon }
     }
 
-    fn not_built(&self, call: &str, job_id: &str) -> Status {
-        Status::unavailable(format!(
-            "peer engine not built: {call} for job `{job_id}` refused by {}",
-            self.daemon.config.peer.listen
-        ))
+    pub fn into_server(self) -> pb::peer_server::PeerServer<PeerService> {
+        pb::peer_server::PeerServer::new(self)
     }
 }
 
 #[tonic::async_trait]
-impl pb::peer_server::Peer for PeerService {
+impl Peer for PeerService {
     async fn handshake(
         &self,
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeResponse>, Status> {
-        Err(self.not_built("Handshake", &request.into_inner().job_id))
+        let listen_ip = request.local_addr().map(|a| a.ip()).unwrap_or(self.daemon.config.peer.listen.ip());
+        let req = request.into_inner();
+        let mut devices = Vec::with_capacity(req.devices.len());
+        for d in req.devices {
+            let identity = d.identity.ok_or_else(|| {
+                Status::invalid_argument(format!("device `{}` has no identity", d.source_name))
+            })?;
+            devices.push(OfferedDevice {
+                index: d.index,
+                source_name: d.source_name,
+                destination_name: d.destination_name,
+                caps: Caps::from_bits(d.caps),
+                data_size: d.data_size,
+                identity: DeviceIdentity { driver: identity.driver, model: identity.model },
+            });
+        }
+        if req.max_frame_payload < 4096 || req.max_frame_payload > 16 << 20 {
+            return Err(Status::invalid_argument(format!(
+                "max_frame_payload {} is outside 4 KiB..16 MiB",
+                req.max_frame_payload
+            )));
+        }
+        if req.data_connections == 0 || req.data_connections > 64 {
+            return Err(Status::invalid_argument(format!(
+                "data_connections {} is outside 1..64",
+                req.data_connections
+            )));
+        }
+        let offer = Offer {
+            protocol_version: req.protocol_version,
+            job_id: req.job_id,
+            devices,
+            data_connections: req.data_connections as usize,
+            max_frame_payload: req.max_frame_payload as usize,
+            source_peer: req.source_peer,
+        };
+        let accepted = self.daemon.accept_offer(offer, listen_ip).await.map_err(Status::from)?;
+        Ok(Response::new(pb::HandshakeResponse {
+            protocol_version: crate::engine::destination::PROTOCOL_VERSION,
+            data_port: accepted.data_port as u32,
+            session_token: accepted.token.into(),
+        }))
     }
 
     async fn await_loaded(
         &self,
         request: Request<pb::AwaitLoadedRequest>,
     ) -> Result<Response<pb::AwaitLoadedResponse>, Status> {
-        Err(self.not_built("AwaitLoaded", &request.into_inner().job_id))
+        let req = request.into_inner();
+        let timeout = Duration::from_millis(self.daemon.config.migration.phase_timeout_ms);
+        let loaded = self.daemon.await_loaded(&req.job_id, timeout).await.map_err(Status::from)?;
+        Ok(Response::new(pb::AwaitLoadedResponse {
+            devices: loaded
+                .into_iter()
+                .map(|(destination_name, bytes, frames)| pb::DeviceLoaded { destination_name, bytes, frames })
+                .collect(),
+        }))
     }
 
     async fn commit(
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        Err(self.not_built("Commit", &request.into_inner().job_id))
+        let req = request.into_inner();
+        let running_at_unix_ns = self.daemon.commit_incoming(&req.job_id).await.map_err(Status::from)?;
+        Ok(Response::new(pb::CommitResponse { running_at_unix_ns }))
     }
 
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
-        Err(self.not_built("Abort", &request.into_inner().job_id))
+        let req = request.into_inner();
+        self.daemon.abort_incoming(&req.job_id, &req.reason).await.map_err(Status::from)?;
+        Ok(Response::new(pb::AbortResponse {}))
     }
 
     async fn query_job(
         &self,
         request: Request<pb::QueryJobRequest>,
     ) -> Result<Response<pb::QueryJobResponse>, Status> {
-        Err(self.not_built("QueryJob", &request.into_inner().job_id))
+        let req = request.into_inner();
+        Ok(Response::new(self.daemon.query_job(&req.job_id).map_err(Status::from)?))
     }
 }

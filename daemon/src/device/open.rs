@@ -121,6 +121,9 @@ pub fn open_sim_device(spec: SimSpec) -> Result<Arc<dyn MigrationDevice>, Device
 /// Opens whatever a `[[device]]` table of the configuration names.
 pub fn open_configured(config: &DeviceConfig) -> Result<OpenedDevice, DeviceError> {
     let source = match config {
+        DeviceConfig::Sim(spec) => {
+            return Ok(OpenedDevice { device: open_sim_device(spec.clone())?, backend: Backend::Sim });
+        }
         DeviceConfig::Group { sysfs_device, .. } => RealDevice::Group { sysfs_device: sysfs_device.clone() },
         DeviceConfig::Cdev { path, .. } => RealDevice::Cdev { path: path.clone() },
     };
@@ -385,6 +388,7 @@ pub fn open_all_configured(
 
 fn config_kind(config: &DeviceConfig) -> &'static str {
     match config {
+        DeviceConfig::Sim(_) => "sim",
         DeviceConfig::Group { .. } => "vfio-group",
         DeviceConfig::Cdev { .. } => "vfio-cdev",
     }

@@ -1,30 +1,606 @@
-//! The destination side of a migration.
+//! The destination side of a migration: prepared by the control plane, then driven by the
+//! source through the peer API (handshake, await-loaded, commit or abort).
+//!
+//! Rules D1–D3 of [`super::commit`] are enforced here: every failure before "loaded"
+//! resets every device; after "loaded" nothing but Commit, Abort or an explicit
+//! resolution moves a device.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use super::{Daemon, Decision, EngineError};
-use crate::job::Job;
+use tokio::sync::watch;
+
+use super::{Daemon, Decision, EngineError, transition_all};
+use crate::device::{DeviceIdentity, MigrationDevice};
+use crate::fsm::{Caps, State};
+use crate::job::{Job, JobStatus, Phase, Role};
+use crate::registry::Claim;
+use crate::stream::{Preamble, Progress, StreamOptions, StreamReceiver};
+
+/// The stream protocol version spoken in the peer handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One device as the source describes it in the handshake.
+#[derive(Clone, Debug)]
+pub struct OfferedDevice {
+    pub index: u32,
+    pub source_name: String,
+    pub destination_name: String,
+    pub caps: Caps,
+    pub data_size: u64,
+    pub identity: DeviceIdentity,
+}
+
+#[derive(Clone, Debug)]
+pub struct Offer {
+    pub protocol_version: u32,
+    pub job_id: String,
+    pub devices: Vec<OfferedDevice>,
+    pub data_connections: usize,
+    pub max_frame_payload: usize,
+    pub source_peer: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub data_port: u16,
+    pub token: Vec<u8>,
+}
+
+/// Where the receive-and-load task ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LoadOutcome {
+    Pending,
+    Loaded(Vec<(String, u64, u64)>),
+    Failed(String),
+}
+
+pub(crate) struct IncomingJob {
+    pub job: Arc<Job>,
+    expected: Vec<String>,
+    claim: Mutex<Option<Claim>>,
+    /// Destination devices in frame-index order, set by the handshake.
+    devices: Mutex<Vec<(u32, Arc<dyn MigrationDevice>)>>,
+    outcome: watch::Sender<LoadOutcome>,
+    /// Serialises handshake / commit / abort / resolve.
+    step: tokio::sync::Mutex<()>,
+    source_peer: Mutex<String>,
+}
+
+impl std::fmt::Debug for IncomingJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingJob").field("job", &self.job.id()).field("expected", &self.expected).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl IncomingJob {
+    fn devices(&self) -> Vec<(u32, Arc<dyn MigrationDevice>)> {
+        lock(&self.devices).clone()
+    }
+
+    fn release(&self) {
+        lock(&self.claim).take();
+    }
+}
+
+fn random_token() -> Vec<u8> {
+    let mut token = vec![0u8; 16];
+    // The token only binds data connections to this job; /dev/urandom never blocks.
+    if let Err(e) =
+        std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut token))
+    {
+        tracing::warn!(error = %e, "cannot read /dev/urandom; using a time-derived session token");
+        token.copy_from_slice(&crate::job::unix_ns().to_le_bytes().repeat(2));
+    }
+    token
+}
 
 impl Daemon {
-    /// Prepares this daemon to receive `devices` for `job_id` (idempotent).
+    pub(crate) fn incoming_job(&self, job_id: &str) -> Result<Arc<IncomingJob>, EngineError> {
+        lock(&self.incoming).get(job_id).cloned().ok_or_else(|| {
+            EngineError::FailedPrecondition(format!(
+                "job `{job_id}` is not prepared on this destination (call PrepareIncoming first)"
+            ))
+        })
+    }
+
+    /// Prepares this daemon to receive `devices` for `job_id` (idempotent for the same
+    /// device list). Every device must be registered, free, and RUNNING (a fresh device).
     pub async fn prepare_incoming(
         self: &Arc<Self>,
         job_id: &str,
         devices: Vec<String>,
     ) -> Result<Arc<Job>, EngineError> {
-        Err(EngineError::Internal(format!(
-            "job {job_id}: the destination engine is being built ({} devices)",
-            devices.len()
-        )))
+        self.journal.path_of(job_id)?;
+        if devices.is_empty() {
+            return Err(EngineError::InvalidArgument("PrepareIncoming needs at least one device".into()));
+        }
+        if let Some(existing) = lock(&self.incoming).get(job_id).cloned() {
+            let same: HashSet<&String> = existing.expected.iter().collect();
+            if same == devices.iter().collect() && existing.expected.len() == devices.len() {
+                return Ok(existing.job.clone());
+            }
+            return Err(EngineError::FailedPrecondition(format!(
+                "job `{job_id}` is already prepared with devices {:?}",
+                existing.expected
+            )));
+        }
+        if self.jobs.get(job_id).is_ok() {
+            return Err(EngineError::FailedPrecondition(format!(
+                "job id `{job_id}` is already used by another job"
+            )));
+        }
+        let claim = self.registry.claim(job_id, &devices)?;
+        for (name, entry) in &claim.devices {
+            let device = entry.device.clone();
+            let state = super::blocking(&device, |d| d.state())
+                .await
+                .map_err(|e| EngineError::FailedPrecondition(e.to_string()))?;
+            if state != State::Running {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "device `{name}` is in {state}; a destination device must be RUNNING with no VM state (reset it first)"
+                )));
+            }
+        }
+        let job = Job::new(
+            job_id,
+            Role::Destination,
+            "",
+            "",
+            devices.iter().map(|d| (d.clone(), String::new())).collect(),
+        );
+        let (job, _) = self.jobs.insert_or_get(job);
+        job.enter_phase(Phase::Prepared);
+        let incoming = Arc::new(IncomingJob {
+            job: job.clone(),
+            expected: devices,
+            claim: Mutex::new(Some(claim)),
+            devices: Mutex::default(),
+            outcome: watch::channel(LoadOutcome::Pending).0,
+            step: tokio::sync::Mutex::new(()),
+            source_peer: Mutex::default(),
+        });
+        lock(&self.incoming).insert(job_id.to_string(), incoming);
+        tracing::info!(job = %job_id, devices = ?job.snapshot().devices.iter().map(|d| &d.name).collect::<Vec<_>>(), "prepared for incoming migration");
+        self.watch_cancel(job.clone());
+        Ok(job)
     }
 
-    /// Resolves an in-doubt job: on the source from its own journal; on the destination
-    /// from `decision` or, when absent, by asking the source's journal.
+    /// CancelJob on the destination: before "loaded" it resets the devices.
+    fn watch_cancel(self: &Arc<Self>, job: Arc<Job>) {
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            job.cancel.cancelled().await;
+            let id = job.id();
+            if let Ok(incoming) = daemon.incoming_job(&id) {
+                let _step = incoming.step.lock().await;
+                if job.snapshot().status == JobStatus::Running && job.snapshot().phase != Phase::Loaded {
+                    daemon
+                        .reset_all(&incoming, JobStatus::Cancelled, "cancelled by the control API".into())
+                        .await;
+                }
+            }
+        });
+    }
+
+    /// Peer Handshake: checks the offer against the prepared job and the local devices,
+    /// then moves every device to RESUMING and opens the data listener.
+    pub async fn accept_offer(
+        self: &Arc<Self>,
+        offer: Offer,
+        listen_ip: std::net::IpAddr,
+    ) -> Result<Accepted, EngineError> {
+        if offer.protocol_version != PROTOCOL_VERSION {
+            return Err(EngineError::FailedPrecondition(format!(
+                "stream protocol version {} is not supported (this daemon speaks {PROTOCOL_VERSION})",
+                offer.protocol_version
+            )));
+        }
+        let incoming = self.incoming_job(&offer.job_id)?;
+        let _step = incoming.step.lock().await;
+        let job = incoming.job.clone();
+        let snap = job.snapshot();
+        if snap.phase != Phase::Prepared || snap.status != JobStatus::Running {
+            return Err(EngineError::FailedPrecondition(format!(
+                "job `{}` is in phase {} ({:?}); a handshake is only accepted once, right after PrepareIncoming",
+                offer.job_id, snap.phase, snap.status
+            )));
+        }
+        // Every check happens before any device changes state.
+        let offered: HashSet<&String> = offer.devices.iter().map(|d| &d.destination_name).collect();
+        let expected: HashSet<&String> = incoming.expected.iter().collect();
+        if offered != expected || offered.len() != offer.devices.len() {
+            return Err(EngineError::FailedPrecondition(format!(
+                "device mapping {:?} does not match the prepared devices {:?}",
+                offer
+                    .devices
+                    .iter()
+                    .map(|d| format!("{}={}", d.source_name, d.destination_name))
+                    .collect::<Vec<_>>(),
+                incoming.expected
+            )));
+        }
+        let indexes: HashSet<u32> = offer.devices.iter().map(|d| d.index).collect();
+        if indexes.len() != offer.devices.len() {
+            return Err(EngineError::InvalidArgument("duplicate device index in the handshake".into()));
+        }
+        let mut devices = Vec::with_capacity(offer.devices.len());
+        for offered in &offer.devices {
+            let entry = self.registry.device(&offered.destination_name)?;
+            let device = entry.device.clone();
+            let identity = device.identity();
+            if identity != offered.identity {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "device `{}` is {identity}, but source device `{}` is {}: incompatible",
+                    offered.destination_name, offered.source_name, offered.identity
+                )));
+            }
+            let caps = super::blocking(&device, |d| d.caps())
+                .await
+                .map_err(|e| EngineError::FailedPrecondition(e.to_string()))?;
+            if caps != offered.caps {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "device `{}` has capabilities {caps}, source device `{}` has {}: incompatible",
+                    offered.destination_name, offered.source_name, offered.caps
+                )));
+            }
+            devices.push((offered.index, device));
+        }
+        job.update(|s| {
+            s.peer = offer.source_peer.clone();
+            for d in &mut s.devices {
+                if let Some(o) = offer.devices.iter().find(|o| o.destination_name == d.name) {
+                    d.peer_name = o.source_name.clone();
+                    d.counters.bytes_total.store(o.data_size, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        *lock(&incoming.source_peer) = offer.source_peer.clone();
+        *lock(&incoming.devices) = devices.clone();
+
+        // Open the data listener before touching devices: nothing to undo if it fails.
+        let (receiver, data_port) = StreamReceiver::bind(listen_ip)
+            .await
+            .map_err(|e| EngineError::Internal(format!("cannot open the data listener: {e}")))?;
+
+        job.enter_phase(Phase::Receiving);
+        let targets: Vec<_> = devices.iter().map(|(_, d)| (d.clone(), State::Resuming)).collect();
+        let results = transition_all(&targets).await;
+        let mut fds = Vec::with_capacity(devices.len());
+        let mut failure = None;
+        for ((index, device), result) in devices.iter().zip(results) {
+            match result {
+                Ok(Some(fd)) => {
+                    job.set_device_state(device.name(), State::Resuming);
+                    fds.push((*index, fd));
+                }
+                Ok(None) => {
+                    failure.get_or_insert(format!("device `{}`: RESUMING opened no data_fd", device.name()));
+                }
+                Err(e) => {
+                    failure.get_or_insert(format!("phase receiving: {e}"));
+                }
+            }
+        }
+        if let Some(message) = failure {
+            drop(fds);
+            self.reset_all(&incoming, JobStatus::RolledBack, message.clone()).await;
+            return Err(EngineError::Aborted(message));
+        }
+
+        let token = random_token();
+        let progress = Arc::new(Progress::new(fds.len()));
+        let opts = StreamOptions {
+            connections: offer.data_connections.max(1),
+            max_payload: offer.max_frame_payload,
+            ..StreamOptions::default()
+        };
+        let handle = receiver.start(
+            Preamble { job_id: offer.job_id.clone(), token: token.clone() },
+            fds,
+            opts,
+            progress.clone(),
+        );
+        let daemon = self.clone();
+        let timeout = self.phase_timeout(0);
+        let index_names: Vec<(u32, String)> =
+            devices.iter().map(|(i, d)| (*i, d.name().to_string())).collect();
+        let incoming = incoming.clone();
+        tokio::spawn(async move {
+            let counters: Vec<_> = index_names.iter().map(|(_, n)| incoming.job.counters(n)).collect();
+            let receive = handle.wait();
+            tokio::pin!(receive);
+            let mut ticker = tokio::time::interval(Duration::from_millis(100));
+            let result = loop {
+                tokio::select! {
+                    r = &mut receive => break r,
+                    _ = ticker.tick() => {
+                        for ((index, _), c) in index_names.iter().zip(&counters) {
+                            if let Some(c) = c {
+                                c.bytes_done.store(progress.bytes(*index), std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        incoming.job.touch();
+                    }
+                }
+            };
+            for ((index, _), c) in index_names.iter().zip(&counters) {
+                if let Some(c) = c {
+                    c.bytes_done.store(progress.bytes(*index), std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            daemon.finish_receive(incoming, result.map_err(|e| e.to_string()), index_names, timeout).await;
+        });
+        Ok(Accepted { data_port, token })
+    }
+
+    /// After the stream: every END record matched, so the drivers may load.
+    async fn finish_receive(
+        self: &Arc<Self>,
+        incoming: Arc<IncomingJob>,
+        received: Result<Vec<crate::stream::DeviceStreamSummary>, String>,
+        index_names: Vec<(u32, String)>,
+        commit_wait: Duration,
+    ) {
+        let step = incoming.step.lock().await;
+        let job = incoming.job.clone();
+        if job.snapshot().status != JobStatus::Running {
+            return;
+        }
+        let summaries = match received {
+            Ok(s) => s,
+            Err(message) => {
+                let message = format!("phase receiving: {message}");
+                self.reset_all(&incoming, JobStatus::RolledBack, message.clone()).await;
+                incoming.outcome.send_replace(LoadOutcome::Failed(message));
+                return;
+            }
+        };
+        job.enter_phase(Phase::Loading);
+        job.update(|s| {
+            for d in &mut s.devices {
+                d.verified = true;
+            }
+        });
+        let devices = incoming.devices();
+        let targets: Vec<_> = devices.iter().map(|(_, d)| (d.clone(), State::Stop)).collect();
+        let results = transition_all(&targets).await;
+        let mut failure = None;
+        for ((_, device), result) in devices.iter().zip(results) {
+            match result {
+                Ok(_) => job.set_device_state(device.name(), State::Stop),
+                Err(e) => {
+                    failure.get_or_insert(format!("phase loading: {e}"));
+                }
+            }
+        }
+        if let Some(message) = failure {
+            self.reset_all(&incoming, JobStatus::RolledBack, message.clone()).await;
+            incoming.outcome.send_replace(LoadOutcome::Failed(message));
+            return;
+        }
+        let loaded = summaries
+            .iter()
+            .map(|s| {
+                let name = index_names
+                    .iter()
+                    .find(|(i, _)| *i == s.index)
+                    .map(|(_, n)| n.clone())
+                    .unwrap_or_default();
+                (name, s.bytes, s.frames)
+            })
+            .collect();
+        job.enter_phase(Phase::Loaded);
+        incoming.outcome.send_replace(LoadOutcome::Loaded(loaded));
+        drop(step);
+        // Rule D2: hold. Without Commit or Abort in time the job is in doubt, never reset.
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(commit_wait).await;
+            let _step = incoming.step.lock().await;
+            let snap = incoming.job.snapshot();
+            if snap.status == JobStatus::Running && snap.phase == Phase::Loaded {
+                tracing::warn!(job = %snap.job_id, "no commit or abort from the source; job in doubt, devices held stopped");
+                incoming.job.finish(
+                    JobStatus::InDoubt,
+                    Some(
+                        "phase loaded: the source never said commit or abort; resolve with ResolveJob".into(),
+                    ),
+                );
+                drop(daemon);
+            }
+        });
+    }
+
+    /// Peer AwaitLoaded: waits until every device is loaded (RESUMING -> STOP succeeded).
+    pub async fn await_loaded(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+    ) -> Result<Vec<(String, u64, u64)>, EngineError> {
+        let incoming = self.incoming_job(job_id)?;
+        let mut rx = incoming.outcome.subscribe();
+        let wait = async {
+            loop {
+                let current = rx.borrow_and_update().clone();
+                match current {
+                    LoadOutcome::Loaded(devices) => return Ok(devices),
+                    LoadOutcome::Failed(message) => return Err(EngineError::Aborted(message)),
+                    LoadOutcome::Pending => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err(EngineError::Internal("the receive task vanished".into()));
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            EngineError::Unavailable(format!("job `{job_id}`: devices not loaded within {timeout:?}"))
+        })?
+    }
+
+    /// Peer Commit (rule D2/D3): resume every device — P2P devices to RUNNING_P2P first
+    /// (barrier), then all to RUNNING. Idempotent once succeeded.
+    pub async fn commit_incoming(self: &Arc<Self>, job_id: &str) -> Result<u64, EngineError> {
+        let incoming = self.incoming_job(job_id)?;
+        let _step = incoming.step.lock().await;
+        let job = incoming.job.clone();
+        let snap = job.snapshot();
+        if snap.status == JobStatus::Succeeded {
+            return Ok(snap.finished_unix_ns.unwrap_or_default());
+        }
+        let holding = snap.phase == Phase::Loaded && snap.status == JobStatus::Running
+            || snap.status == JobStatus::InDoubt;
+        if !holding {
+            return Err(EngineError::FailedPrecondition(format!(
+                "job `{job_id}` cannot commit in phase {} ({:?})",
+                snap.phase, snap.status
+            )));
+        }
+        job.update(|s| s.status = JobStatus::Running);
+        job.enter_phase(Phase::Resume);
+        let devices = incoming.devices();
+        let mut errors = Vec::new();
+        let mut p2p = Vec::new();
+        for (_, device) in &devices {
+            match super::blocking(device, |d| d.caps()).await {
+                Ok(caps) if caps.has_p2p() => p2p.push((device.clone(), State::RunningP2p)),
+                Ok(_) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        for ((device, _), result) in p2p.iter().zip(transition_all(&p2p).await) {
+            match result {
+                Ok(_) => job.set_device_state(device.name(), State::RunningP2p),
+                Err(e) => errors.push(format!("phase resume: {e}")),
+            }
+        }
+        let all: Vec<_> = devices.iter().map(|(_, d)| (d.clone(), State::Running)).collect();
+        for ((device, _), result) in all.iter().zip(transition_all(&all).await) {
+            match result {
+                Ok(_) => job.set_device_state(device.name(), State::Running),
+                Err(e) => errors.push(format!("phase resume: {e}")),
+            }
+        }
+        incoming.release();
+        if errors.is_empty() {
+            job.finish(JobStatus::Succeeded, None);
+        } else {
+            job.finish(JobStatus::Failed, Some(errors.join("; ")));
+        }
+        self.jobs.retire(job_id);
+        Ok(crate::job::unix_ns())
+    }
+
+    /// Peer Abort: the source decided not to commit (rule D1): reset every device.
+    pub async fn abort_incoming(self: &Arc<Self>, job_id: &str, reason: &str) -> Result<(), EngineError> {
+        let incoming = self.incoming_job(job_id)?;
+        let _step = incoming.step.lock().await;
+        let snap = incoming.job.snapshot();
+        match snap.status {
+            JobStatus::Succeeded => {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "job `{job_id}` already committed and resumed"
+                )));
+            }
+            JobStatus::Running | JobStatus::InDoubt => {
+                self.reset_all(&incoming, JobStatus::RolledBack, format!("aborted by the source: {reason}"))
+                    .await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Resets every device of an incoming job (power-on state, no migrated state) and
+    /// ends the job. Reset is retried on EAGAIN-style contention.
+    async fn reset_all(self: &Arc<Self>, incoming: &IncomingJob, status: JobStatus, message: String) {
+        let job = &incoming.job;
+        job.enter_phase(Phase::Reset);
+        let mut devices: Vec<Arc<dyn MigrationDevice>> =
+            incoming.devices().into_iter().map(|(_, d)| d).collect();
+        if devices.is_empty() {
+            for name in &incoming.expected {
+                if let Ok(entry) = self.registry.device(name) {
+                    devices.push(entry.device.clone());
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        for device in &devices {
+            let state = super::blocking(device, |d| d.state()).await;
+            if state == Ok(State::Running) {
+                job.set_device_state(device.name(), State::Running);
+                continue;
+            }
+            let mut attempt = 0;
+            loop {
+                match super::blocking(device, |d| d.reset()).await {
+                    Ok(()) => {
+                        job.set_device_state(device.name(), State::Running);
+                        break;
+                    }
+                    Err(e) if e.kind.is_transient() && attempt < 5 => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                    }
+                    Err(e) => {
+                        errors.push(format!("phase reset: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        incoming.release();
+        let message = if errors.is_empty() { message } else { format!("{message}; {}", errors.join("; ")) };
+        job.finish(if errors.is_empty() { status } else { JobStatus::Failed }, Some(message));
+        self.jobs.retire(&job.id());
+    }
+
+    /// Resolves an in-doubt job. On the source its own journal decides (a recorded commit
+    /// is re-sent). On the destination `decision` decides, or, when absent, the source's
+    /// journal is asked through the peer API.
     pub async fn resolve(
         self: &Arc<Self>,
         job_id: &str,
         decision: Option<Decision>,
     ) -> Result<Arc<Job>, EngineError> {
-        Err(EngineError::Internal(format!("job {job_id}: resolution is being built ({decision:?})")))
+        let job = self.job(job_id)?;
+        match job.snapshot().role {
+            Role::Source => self.resolve_outgoing(job_id).await,
+            Role::Destination => {
+                let incoming = self.incoming_job(job_id)?;
+                let decision = match decision {
+                    Some(d) => d,
+                    None => {
+                        let source = lock(&incoming.source_peer).clone();
+                        super::source::query_decision(&source, job_id).await?
+                    }
+                };
+                match decision {
+                    Decision::Commit => {
+                        self.commit_incoming(job_id).await?;
+                    }
+                    Decision::Abort => {
+                        self.abort_incoming(job_id, "resolved: the source did not commit").await?;
+                    }
+                }
+                Ok(job)
+            }
+        }
     }
+}
+
+/// The address to dial for a peer given as `host:port`.
+pub fn resolve_peer(peer: &str) -> Result<SocketAddr, EngineError> {
+    use std::net::ToSocketAddrs;
+    peer.to_socket_addrs()
+        .map_err(|e| EngineError::InvalidArgument(format!("peer `{peer}`: {e}")))?
+        .next()
+        .ok_or_else(|| EngineError::InvalidArgument(format!("peer `{peer}` resolves to no address")))
 }

@@ -14,7 +14,8 @@ pub mod destination;
 pub mod plan;
 pub mod source;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Config;
@@ -95,6 +96,10 @@ pub struct Daemon {
     pub registry: Arc<Registry>,
     pub jobs: JobTable,
     pub journal: Journal,
+    /// Destination-side jobs, by job id.
+    pub(crate) incoming: Mutex<HashMap<String, Arc<destination::IncomingJob>>>,
+    /// Source-side jobs, by job id.
+    pub(crate) outgoing: Mutex<HashMap<String, Arc<source::OutgoingJob>>>,
 }
 
 impl Daemon {
@@ -105,6 +110,8 @@ impl Daemon {
             config,
             registry,
             journal,
+            incoming: Mutex::default(),
+            outgoing: Mutex::default(),
         }))
     }
 
@@ -144,7 +151,7 @@ impl Daemon {
                 snap.status
             )));
         }
-        if matches!(snap.phase, Phase::Commit | Phase::Cleanup | Phase::Resume) {
+        if matches!(snap.phase, Phase::Commit | Phase::Cleanup | Phase::Resume | Phase::Loaded) {
             return Err(EngineError::FailedPrecondition(format!(
                 "job `{job_id}` is past its commit point ({}); it can no longer be cancelled",
                 snap.phase

@@ -417,6 +417,14 @@ impl MigrationDevice for SimDevice {
         &self.spec.name
     }
 
+    fn content_digest(&self) -> Option<String> {
+        let d = self.state_digest();
+        Some(format!(
+            "seed={:#x} generation={} size={} crc32c={:08x}",
+            d.id.seed, d.id.generation, d.id.size, d.crc32c
+        ))
+    }
+
     fn identity(&self) -> DeviceIdentity {
         DeviceIdentity { driver: DRIVER.to_string(), model: self.spec.model.clone() }
     }

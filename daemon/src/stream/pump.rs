@@ -1,0 +1,460 @@
+//! The blocking side of the stream: each device's `data_fd` is read (source) or written
+//! (destination) by its own thread, which moves a few reused buffers through bounded
+//! queues to and from the connection threads.
+//!
+//! A device owns a [`BufferPool`] of `buffers_per_device` buffers allocated before any
+//! data flows. Whoever fills a buffer takes it from the pool (blocking when every buffer
+//! is in flight: that is the back-pressure), and whoever empties it gives it back. Queues
+//! carry only pool buffers and END records, so they are bounded by the pools. Every
+//! blocking wait can be aborted; a thread blocked inside a `read()` or `write()` of a
+//! device fd cannot, and finishes when the fd returns.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use nix::errno::Errno;
+
+use super::StreamError;
+use super::frame::{DeviceEncoder, DeviceStreamSummary, END_RECORD_LEN, FrameHeader};
+use crate::device::{DataFd, Op};
+
+/// A lock that survives a panicked holder: the guarded data here are queues and flags
+/// that stay consistent between operations.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Tells a device's reader thread that the device reached STOP_COPY: from then on a
+/// 0-byte read is the final end of the state. Before it (PRE_COPY), a 0-byte read or
+/// ENOMSG is a temporary end: the reader waits a little and reads again.
+///
+/// Fire it only after the SET to STOP_COPY returned. A stream opened directly in
+/// STOP_COPY starts fired ([`Switchover::stop_copy`]).
+#[derive(Clone, Debug, Default)]
+pub struct Switchover {
+    inner: Arc<SwitchoverState>,
+}
+
+#[derive(Debug, Default)]
+struct SwitchoverState {
+    fired: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Switchover {
+    /// For a device in PRE_COPY.
+    pub fn new() -> Switchover {
+        Switchover::default()
+    }
+
+    /// For a device already in STOP_COPY.
+    pub fn stop_copy() -> Switchover {
+        let switchover = Switchover::new();
+        switchover.fire();
+        switchover
+    }
+
+    pub fn fire(&self) {
+        *lock(&self.inner.fired) = true;
+        self.inner.changed.notify_all();
+    }
+
+    pub fn is_fired(&self) -> bool {
+        *lock(&self.inner.fired)
+    }
+
+    /// Waits until fired or `timeout` passed.
+    fn wait(&self, timeout: Duration) {
+        let fired = lock(&self.inner.fired);
+        let _unused = self.inner.changed.wait_timeout_while(fired, timeout, |fired| !*fired);
+    }
+}
+
+/// Bytes of device state moved so far, per device index `0..devices`: readable while
+/// the stream runs. The source counts bytes handed to its data connections, the
+/// destination bytes written into the devices.
+#[derive(Debug)]
+pub struct Progress {
+    bytes: Vec<AtomicU64>,
+}
+
+impl Progress {
+    pub fn new(devices: usize) -> Progress {
+        Progress { bytes: (0..devices).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    pub fn devices(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn bytes(&self, device: u32) -> u64 {
+        self.bytes.get(device as usize).map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
+    pub fn total(&self) -> u64 {
+        self.bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    pub(crate) fn add(&self, device: u32, bytes: usize) {
+        if let Some(counter) = self.bytes.get(device as usize) {
+            counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A device's buffers. Taking blocks while all are in flight.
+#[derive(Debug)]
+pub(crate) struct BufferPool {
+    state: Mutex<PoolState>,
+    returned: Condvar,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    free: Vec<Vec<u8>>,
+    aborted: bool,
+}
+
+impl BufferPool {
+    /// Allocates and touches every buffer now, so neither allocation nor page faults
+    /// happen while the devices are stopped.
+    pub(crate) fn new(buffers: usize, size: usize) -> BufferPool {
+        let pool = BufferPool::empty();
+        pool.fill(buffers, size);
+        pool
+    }
+
+    /// A pool whose buffers arrive later, from [`BufferPool::fill`] on the thread that
+    /// owns the device (so the allocation happens neither on the reactor nor in downtime).
+    pub(crate) fn empty() -> BufferPool {
+        BufferPool {
+            state: Mutex::new(PoolState { free: Vec::new(), aborted: false }),
+            returned: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn fill(&self, buffers: usize, size: usize) {
+        for _ in 0..buffers {
+            // A non-zero fill: a zeroed allocation may come back as untouched zero pages,
+            // deferring the page faults to the first read.
+            self.give(vec![0x5a; size]);
+        }
+    }
+
+    /// A free buffer, or `None` once aborted.
+    pub(crate) fn take(&self) -> Option<Vec<u8>> {
+        let mut state = lock(&self.state);
+        loop {
+            if state.aborted {
+                return None;
+            }
+            if let Some(buf) = state.free.pop() {
+                return Some(buf);
+            }
+            state = self.returned.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    pub(crate) fn give(&self, buf: Vec<u8>) {
+        lock(&self.state).free.push(buf);
+        self.returned.notify_one();
+    }
+
+    pub(crate) fn abort(&self) {
+        lock(&self.state).aborted = true;
+        self.returned.notify_all();
+    }
+}
+
+/// A FIFO between threads; bounded by the pools its items come from.
+#[derive(Debug)]
+pub(crate) struct FrameQueue<T> {
+    state: Mutex<QueueState<T>>,
+    pushed: Condvar,
+}
+
+#[derive(Debug)]
+struct QueueState<T> {
+    items: VecDeque<T>,
+    aborted: bool,
+}
+
+pub(crate) enum Popped<T> {
+    Item(T),
+    /// Nothing arrived within the idle time.
+    Idle,
+    Aborted,
+}
+
+impl<T> FrameQueue<T> {
+    pub(crate) fn new() -> FrameQueue<T> {
+        FrameQueue {
+            state: Mutex::new(QueueState { items: VecDeque::new(), aborted: false }),
+            pushed: Condvar::new(),
+        }
+    }
+
+    /// Returns `false` (dropping the item) once aborted.
+    pub(crate) fn push(&self, item: T) -> bool {
+        let mut state = lock(&self.state);
+        if state.aborted {
+            return false;
+        }
+        state.items.push_back(item);
+        drop(state);
+        self.pushed.notify_one();
+        true
+    }
+
+    /// Waits for an item, at most `idle` if given.
+    pub(crate) fn pop(&self, idle: Option<Duration>) -> Popped<T> {
+        let mut state = lock(&self.state);
+        loop {
+            if state.aborted {
+                return Popped::Aborted;
+            }
+            if let Some(item) = state.items.pop_front() {
+                return Popped::Item(item);
+            }
+            state = match idle {
+                None => self.pushed.wait(state).unwrap_or_else(PoisonError::into_inner),
+                Some(idle) => {
+                    let (state, waited) =
+                        self.pushed.wait_timeout(state, idle).unwrap_or_else(PoisonError::into_inner);
+                    if waited.timed_out() && state.items.is_empty() && !state.aborted {
+                        return Popped::Idle;
+                    }
+                    state
+                }
+            };
+        }
+    }
+
+    pub(crate) fn abort(&self) {
+        let mut state = lock(&self.state);
+        state.aborted = true;
+        state.items.clear();
+        drop(state);
+        self.pushed.notify_all();
+    }
+}
+
+/// A frame on its way from a device's reader to a data connection.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) header: FrameHeader,
+    pub(crate) payload: OutgoingPayload,
+}
+
+#[derive(Debug)]
+pub(crate) enum OutgoingPayload {
+    /// A pool buffer; the payload is its first `header.length` bytes.
+    Data {
+        buf: Vec<u8>,
+        pool: Arc<BufferPool>,
+    },
+    End {
+        record: [u8; END_RECORD_LEN],
+        summary: DeviceStreamSummary,
+    },
+}
+
+impl Outgoing {
+    pub(crate) fn device(&self) -> u32 {
+        self.header.device
+    }
+
+    pub(crate) fn payload(&self) -> &[u8] {
+        match &self.payload {
+            OutgoingPayload::Data { buf, .. } => &buf[..self.header.payload_len()],
+            OutgoingPayload::End { record, .. } => record,
+        }
+    }
+
+    pub(crate) fn payload_mut(&mut self) -> &mut [u8] {
+        let len = self.header.payload_len();
+        match &mut self.payload {
+            OutgoingPayload::Data { buf, .. } => &mut buf[..len],
+            OutgoingPayload::End { record, .. } => record,
+        }
+    }
+
+    /// Gives the buffer back to its device; returns the summary if this was the END.
+    pub(crate) fn release(self) -> Option<DeviceStreamSummary> {
+        match self.payload {
+            OutgoingPayload::Data { buf, pool } => {
+                pool.give(buf);
+                None
+            }
+            OutgoingPayload::End { summary, .. } => Some(summary),
+        }
+    }
+}
+
+/// The source's reader of one device's saving `data_fd`.
+pub(crate) struct DeviceReader {
+    pub(crate) device: u32,
+    pub(crate) fd: Arc<DataFd>,
+    pub(crate) switchover: Switchover,
+    pub(crate) pool: Arc<BufferPool>,
+    pub(crate) queue: Arc<FrameQueue<Outgoing>>,
+    pub(crate) max_payload: usize,
+    pub(crate) precopy_poll: Duration,
+    pub(crate) aborted: Arc<AtomicBool>,
+}
+
+impl DeviceReader {
+    /// Reads the device to its final end, queueing a data frame per read and then the
+    /// END record. Each payload is checksummed here, right after the read, while it is
+    /// still in this core's cache.
+    pub(crate) fn run(self) -> Result<DeviceStreamSummary, StreamError> {
+        let mut encoder = DeviceEncoder::new(self.device);
+        loop {
+            let Some(mut buf) = self.pool.take() else { return Err(StreamError::Aborted) };
+            // Only a read issued after the switchover was seen can return the final end.
+            let final_phase = self.switchover.is_fired();
+            match self.fd.read_chunk(&mut buf[..self.max_payload]) {
+                Ok(0) if final_phase => {
+                    self.pool.give(buf);
+                    break;
+                }
+                Ok(0) | Err(Errno::ENOMSG | Errno::EAGAIN) => {
+                    self.pool.give(buf);
+                    if self.aborted.load(Ordering::Acquire) {
+                        return Err(StreamError::Aborted);
+                    }
+                    self.switchover.wait(self.precopy_poll);
+                }
+                Ok(n) => {
+                    let header = encoder.data(&buf[..n]);
+                    let payload = OutgoingPayload::Data { buf, pool: Arc::clone(&self.pool) };
+                    if !self.queue.push(Outgoing { header, payload }) {
+                        return Err(StreamError::Aborted);
+                    }
+                }
+                Err(errno) => {
+                    return Err(StreamError::DataFd { device: self.device, op: Op::DataRead, errno });
+                }
+            }
+        }
+        let (header, record, summary) = encoder.end();
+        if !self.queue.push(Outgoing { header, payload: OutgoingPayload::End { record, summary } }) {
+            return Err(StreamError::Aborted);
+        }
+        Ok(summary)
+    }
+}
+
+/// A verified frame on its way from a data connection to a device's writer.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A pool buffer whose first `len` bytes go into the device.
+    Data { buf: Vec<u8>, len: usize },
+    /// The END record matched; nothing more will come for this device.
+    End(DeviceStreamSummary),
+}
+
+/// The destination's writer of one device's resuming `data_fd`.
+pub(crate) struct DeviceWriter {
+    pub(crate) device: u32,
+    pub(crate) fd: DataFd,
+    pub(crate) pool: Arc<BufferPool>,
+    pub(crate) queue: Arc<FrameQueue<Incoming>>,
+    pub(crate) progress: Arc<Progress>,
+}
+
+impl DeviceWriter {
+    /// Writes every verified payload into the device; returns the summary once the END
+    /// record came and every byte before it was written. The fd is closed on return.
+    pub(crate) fn run(self) -> Result<DeviceStreamSummary, StreamError> {
+        loop {
+            match self.queue.pop(None) {
+                Popped::Item(Incoming::Data { buf, len }) => {
+                    let written = self.fd.write_all_bytes(&buf[..len]);
+                    self.pool.give(buf);
+                    written.map_err(|errno| StreamError::DataFd {
+                        device: self.device,
+                        op: Op::DataWrite,
+                        errno,
+                    })?;
+                    self.progress.add(self.device, len);
+                }
+                Popped::Item(Incoming::End(summary)) => return Ok(summary),
+                Popped::Idle | Popped::Aborted => return Err(StreamError::Aborted),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+
+    #[test]
+    fn pool_blocks_until_a_buffer_returns_and_wakes_on_abort() {
+        let pool = Arc::new(BufferPool::new(1, 8));
+        let first = pool.take().unwrap();
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            thread::spawn(move || {
+                let buf = pool.take().unwrap();
+                let len = buf.len();
+                pool.give(buf);
+                len
+            })
+        };
+        pool.give(first);
+        assert_eq!(waiter.join().unwrap(), 8);
+
+        let _held = pool.take().unwrap();
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            thread::spawn(move || pool.take())
+        };
+        pool.abort();
+        assert!(waiter.join().unwrap().is_none());
+    }
+
+    #[test]
+    fn queue_keeps_order_reports_idle_and_aborts() {
+        let queue = FrameQueue::new();
+        assert!(queue.push(1));
+        assert!(queue.push(2));
+        assert!(matches!(queue.pop(None), Popped::Item(1)));
+        assert!(matches!(queue.pop(Some(Duration::from_millis(1))), Popped::Item(2)));
+        assert!(matches!(queue.pop(Some(Duration::from_millis(1))), Popped::Idle));
+        queue.abort();
+        assert!(!queue.push(3));
+        assert!(matches!(queue.pop(None), Popped::Aborted));
+    }
+
+    #[test]
+    fn switchover_wakes_a_waiting_reader() {
+        let switchover = Switchover::new();
+        assert!(!switchover.is_fired());
+        let waiter = {
+            let switchover = switchover.clone();
+            thread::spawn(move || {
+                // Without the wake-up this would take an hour.
+                switchover.wait(Duration::from_secs(3600));
+                switchover.is_fired()
+            })
+        };
+        switchover.fire();
+        assert!(waiter.join().unwrap());
+        assert!(Switchover::stop_copy().is_fired());
+    }
+
+    #[test]
+    fn progress_counts_per_device() {
+        let progress = Progress::new(2);
+        progress.add(0, 5);
+        progress.add(1, 7);
+        progress.add(9, 100);
+        assert_eq!((progress.bytes(0), progress.bytes(1), progress.total()), (5, 7, 12));
+    }
+}

@@ -1,0 +1,285 @@
+//! The migration engine between two daemons in one process: real peer gRPC and real TCP
+//! data connections on loopback, simulated devices. (The multi-process tests in `tests/`
+//! run the same flows through the daemon binary and the control API.)
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use tokio_stream::wrappers::TcpListenerStream;
+use vfio_migd::api::peer::PeerService;
+use vfio_migd::config::Config;
+use vfio_migd::device::MigrationDevice;
+use vfio_migd::device::sim::{ArcEvent, Fault, FaultOp, SimDevice, SimSpec};
+use vfio_migd::engine::Daemon;
+use vfio_migd::engine::source::MigrationRequest;
+use vfio_migd::fsm::{Caps, State};
+use vfio_migd::job::{JobSnapshot, JobStatus};
+use vfio_migd::registry::{Backend, GroupDef, Registry};
+
+struct Side {
+    daemon: Arc<Daemon>,
+    devices: Vec<Arc<SimDevice>>,
+    peer: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn spec(name: &str, model: &str, caps: &str, size: u64, seed: u64) -> SimSpec {
+    let mut s = SimSpec::new(name);
+    s.model = model.into();
+    s.caps = Caps::parse(caps).unwrap();
+    s.state_size = size;
+    s.seed = Some(seed);
+    s
+}
+
+async fn side(specs: Vec<SimSpec>, extra_toml: &str) -> Side {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let toml = format!("state_dir = \"{}\"\n[peer]\nlisten = \"{peer}\"\n{extra_toml}", dir.path().display());
+    let config = Config::from_toml(&toml, true).unwrap();
+    let registry = Arc::new(Registry::default());
+    let mut devices = Vec::new();
+    for s in specs {
+        let device = Arc::new(SimDevice::new(s).unwrap());
+        registry.add_device(device.clone() as Arc<dyn MigrationDevice>, Backend::Sim).unwrap();
+        devices.push(device);
+    }
+    let daemon = Daemon::new(config, registry).unwrap();
+    let service = PeerService::new(daemon.clone()).into_server();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    Side { daemon, devices, peer, _dir: dir }
+}
+
+async fn wait_finished(daemon: &Daemon, job_id: &str) -> JobSnapshot {
+    let job = daemon.job(job_id).unwrap();
+    let mut rx = job.subscribe();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let s = job.snapshot();
+            if s.status != JobStatus::Running {
+                return s;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("job did not finish")
+}
+
+/// Source `src-<name>` and destination `dst-<name>` devices of the same model and caps.
+async fn pair(devices: &[(&str, &str, u64)], src_extra: &str, dst_extra: &str) -> (Side, Side) {
+    let src = side(
+        devices
+            .iter()
+            .enumerate()
+            .map(|(i, (n, caps, size))| spec(&format!("src-{n}"), n, caps, *size, 100 + i as u64))
+            .collect(),
+        src_extra,
+    )
+    .await;
+    let dst = side(
+        devices
+            .iter()
+            .enumerate()
+            .map(|(i, (n, caps, size))| spec(&format!("dst-{n}"), n, caps, *size, 900 + i as u64))
+            .collect(),
+        dst_extra,
+    )
+    .await;
+    (src, dst)
+}
+
+async fn migrate(src: &Side, dst: &Side, job_id: &str) -> (JobSnapshot, JobSnapshot) {
+    let names: Vec<String> = src.devices.iter().map(|d| d.name().to_string()).collect();
+    let dst_names: Vec<String> = dst.devices.iter().map(|d| d.name().to_string()).collect();
+    dst.daemon.prepare_incoming(job_id, dst_names.clone()).await.unwrap();
+    if src.daemon.registry.group("vm").is_err() {
+        src.daemon
+            .registry
+            .define_group(GroupDef {
+                name: "vm".into(),
+                devices: names.clone(),
+                allow_multiple_non_p2p: false,
+            })
+            .unwrap();
+    }
+    let req = MigrationRequest {
+        job_id: job_id.into(),
+        group: "vm".into(),
+        peer: src_peer_of(dst),
+        mapping: names.into_iter().zip(dst_names).collect(),
+        phase_timeout_ms: 20_000,
+        data_connections: 0,
+    };
+    src.daemon.start_migration(req).await.unwrap();
+    let s = wait_finished(&src.daemon, job_id).await;
+    let d = wait_finished(&dst.daemon, job_id).await;
+    (s, d)
+}
+
+fn src_peer_of(dst: &Side) -> String {
+    dst.peer.to_string()
+}
+
+fn assert_moved(src: &Side, dst: &Side) {
+    for (s, d) in src.devices.iter().zip(&dst.devices) {
+        assert_eq!(s.state().unwrap(), State::Stop, "{}", s.name());
+        assert_eq!(d.state().unwrap(), State::Running, "{}", d.name());
+        assert_eq!(d.content_digest(), s.content_digest(), "{} -> {} byte for byte", s.name(), d.name());
+        assert_eq!(d.loaded_state(), Some(s.state_id()));
+    }
+}
+
+fn time_of(device: &SimDevice, to: State) -> Option<u64> {
+    device.arc_log().iter().find(|e| e.event == ArcEvent::Arc(to)).map(|e| e.time_ns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mixed_group_moves_together_with_the_p2p_barrier() {
+    let (src, dst) = pair(
+        &[
+            ("sim-nic", "STOP_COPY|P2P|PRE_COPY", 3 << 20),
+            ("sim-gpu", "STOP_COPY|P2P", (5 << 20) + 17),
+            ("sim-acc", "STOP_COPY", 4096),
+        ],
+        "",
+        "",
+    )
+    .await;
+    let (s, d) = migrate(&src, &dst, "job-mixed").await;
+    assert_eq!(s.status, JobStatus::Succeeded, "{:?}", s.error);
+    assert_eq!(d.status, JobStatus::Succeeded, "{:?}", d.error);
+    assert!(s.downtime.is_some());
+    assert_moved(&src, &dst);
+    // No device entered STOP_COPY (or stopped) before every P2P device was quiesced.
+    let quiesced: Vec<u64> = src.devices[..2]
+        .iter()
+        .map(|dev| {
+            let log = dev.arc_log();
+            log.iter()
+                .find(|e| {
+                    matches!(e.event, ArcEvent::Arc(State::RunningP2p) | ArcEvent::Arc(State::PreCopyP2p))
+                })
+                .map(|e| e.time_ns)
+                .expect("quiesced")
+        })
+        .collect();
+    let last_quiesce = *quiesced.iter().max().unwrap();
+    for dev in &src.devices {
+        let stopped = time_of(dev, State::Stop).or(time_of(dev, State::StopCopy)).expect("stopped");
+        assert!(stopped >= last_quiesce, "{} stopped before the P2P barrier", dev.name());
+    }
+    // Destination: every P2P device reached RUNNING_P2P before any device RUNNING.
+    let resumed_p2p =
+        dst.devices[..2].iter().map(|d| time_of(d, State::RunningP2p).expect("p2p")).max().unwrap();
+    for dev in &dst.devices {
+        let running =
+            dev.arc_log().iter().rev().find(|e| e.event == ArcEvent::Arc(State::Running)).unwrap().time_ns;
+        assert!(running >= resumed_p2p, "{} ran before the resume barrier", dev.name());
+    }
+    // The commit record exists on the source.
+    assert_eq!(src.daemon.journal.read("job-mixed").unwrap(), Some(vfio_migd::engine::Decision::Commit));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_failure_at_stop_copy_rolls_the_whole_group_back() {
+    let (src, dst) =
+        pair(&[("sim-nic", "STOP_COPY|P2P", 1 << 20), ("sim-gpu", "STOP_COPY|P2P", 2 << 20)], "", "").await;
+    let before: Vec<_> = src.devices.iter().map(|d| d.content_digest()).collect();
+    src.devices[1].inject(Fault::errno(FaultOp::SetState, Errno::EIO).in_state(State::StopCopy));
+    let (s, d) = migrate(&src, &dst, "job-fail").await;
+    assert_eq!(s.status, JobStatus::RolledBack);
+    let err = s.error.unwrap();
+    assert!(err.contains("stop-copy") && err.contains("src-sim-gpu"), "{err}");
+    assert_eq!(d.status, JobStatus::RolledBack, "{:?}", d.error);
+    for (dev, digest) in src.devices.iter().zip(before) {
+        assert_eq!(dev.state().unwrap(), State::Running, "{}", dev.name());
+        assert_eq!(dev.content_digest(), digest, "{} state intact", dev.name());
+    }
+    for dev in &dst.devices {
+        assert_eq!(dev.state().unwrap(), State::Running);
+        assert_eq!(dev.loaded_state(), None, "{} must hold no migrated state", dev.name());
+        assert!(!dev.arcs().iter().any(|a| a.from == State::Resuming && a.to == State::Stop));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_stream_never_reaches_resuming_to_stop() {
+    let fault = "[test.stream_fault]\nkind = \"flip_byte\"\ndevice = 1\nframe = 1\n";
+    let (src, dst) =
+        pair(&[("sim-nic", "STOP_COPY|P2P", 3 << 20), ("sim-gpu", "STOP_COPY|P2P", 3 << 20)], fault, "")
+            .await;
+    let (s, d) = migrate(&src, &dst, "job-corrupt").await;
+    assert_eq!(s.status, JobStatus::RolledBack);
+    assert_eq!(d.status, JobStatus::RolledBack);
+    for dev in &src.devices {
+        assert_eq!(dev.state().unwrap(), State::Running);
+    }
+    for dev in &dst.devices {
+        assert!(
+            !dev.arcs().iter().any(|a| a.from == State::Resuming && a.to == State::Stop),
+            "{}",
+            dev.name()
+        );
+        assert_eq!(dev.state().unwrap(), State::Running);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_incompatible_destination_is_refused_before_any_device_moves() {
+    let src = side(vec![spec("src-a", "model-a", "STOP_COPY|P2P", 4096, 1)], "").await;
+    let dst = side(vec![spec("dst-a", "model-b", "STOP_COPY|P2P", 4096, 2)], "").await;
+    let (s, d) = {
+        dst.daemon.prepare_incoming("job-x", vec!["dst-a".into()]).await.unwrap();
+        src.daemon
+            .registry
+            .define_group(GroupDef {
+                name: "vm".into(),
+                devices: vec!["src-a".into()],
+                allow_multiple_non_p2p: false,
+            })
+            .unwrap();
+        src.daemon
+            .start_migration(MigrationRequest {
+                job_id: "job-x".into(),
+                group: "vm".into(),
+                peer: dst.peer.to_string(),
+                mapping: vec![("src-a".into(), "dst-a".into())],
+                phase_timeout_ms: 5_000,
+                data_connections: 0,
+            })
+            .await
+            .unwrap();
+        let s = wait_finished(&src.daemon, "job-x").await;
+        (s, dst.daemon.job("job-x").unwrap().snapshot())
+    };
+    assert_eq!(s.status, JobStatus::RolledBack);
+    assert!(s.error.as_deref().unwrap_or_default().contains("incompatible"), "{:?}", s.error);
+    assert!(src.devices[0].arcs().is_empty(), "the source device must not have moved");
+    assert!(dst.devices[0].arcs().is_empty(), "the destination device must not have moved");
+    assert_eq!(d.status, JobStatus::Running, "the destination stays prepared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_with_two_devices_without_p2p_is_refused() {
+    let (src, _dst) = pair(&[("a", "STOP_COPY", 4096), ("b", "STOP_COPY|PRE_COPY", 4096)], "", "").await;
+    src.daemon
+        .registry
+        .define_group(GroupDef {
+            name: "vm".into(),
+            devices: vec!["src-a".into(), "src-b".into()],
+            allow_multiple_non_p2p: false,
+        })
+        .unwrap();
+    let err = src.daemon.plan("vm").unwrap_err();
+    assert!(err.to_string().contains("cannot be quiesced"), "{err}");
+}
