@@ -9,8 +9,10 @@
 //! - [`stream`]: the device-state stream between daemons (frames, pumps, connections);
 //! - [`job`]: job identity, phases, progress, downtime;
 //! - [`registry`]: devices and groups owned by this daemon;
-//! - [`api`]: the gRPC services (control API, peer API);
-//! - [`config`]: the TOML configuration.
+//! - [`config`]: the TOML configuration;
+//! - [`api`]: the control and peer gRPC services and the listeners;
+//! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
+//! - [`telemetry`]: logging setup.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -19,8 +21,10 @@ pub mod device;
 pub mod dirty;
 pub mod engine;
 pub mod fsm;
+pub mod handoff;
 pub mod job;
 pub mod registry;
 pub mod stream;
+pub mod telemetry;
 #[allow(unsafe_code)]
 pub mod vfio;

@@ -1,1 +1,187 @@
-fn main() {}
+//! `vfio-migd`: the daemon. Loads the configuration, opens the configured devices, serves
+//! the control socket, the fd handoff socket and the peer listener until SIGTERM/SIGINT.
+//!
+//! Exit codes: 0 after a clean stop, 1 when the daemon fails while starting or running,
+//! 2 for a bad command line or configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use vfio_migd::api::ApiServer;
+use vfio_migd::config::{Config, DEFAULT_CONFIG_PATH, DeviceConfig};
+use vfio_migd::device::open::open_all_configured;
+use vfio_migd::engine::Daemon;
+use vfio_migd::registry::Registry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfio-migd",
+    version,
+    about = "Live-migration daemon for groups of VFIO devices",
+    after_help = "Environment:\n  VFIO_MIGD__<SECTION>__<KEY>  overrides a configuration key \
+                  (e.g. VFIO_MIGD__PEER__LISTEN=0.0.0.0:7410)\n  VFIO_MIGD_LOG                \
+                  overrides log.level (tracing filter syntax)"
+)]
+struct Args {
+    #[arg(long, value_name = "PATH", help = format!("Configuration file (TOML) [default: {DEFAULT_CONFIG_PATH}, optional]"))]
+    config: Option<PathBuf>,
+    /// Accept the test-only `[test]` section (fault injection). Never in production.
+    #[arg(long)]
+    allow_test_faults: bool,
+    /// Load and check the configuration, print a summary, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref(), args.allow_test_faults) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("vfio-migd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        if let Err(e) = vfio_migd::telemetry::filter(&config.log) {
+            eprintln!("vfio-migd: {e}");
+            return ExitCode::from(2);
+        }
+        print!("{}", summary(&config));
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = vfio_migd::telemetry::init(&config.log) {
+        eprintln!("vfio-migd: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("vfio-migd").build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("vfio-migd: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vfio-migd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create the state directory {}", config.state_dir.display()))?;
+    let daemon = Daemon::new(config, Arc::new(Registry::default())).context("cannot start the engine")?;
+    let server = ApiServer::bind(daemon.clone()).await?;
+    let readiness = server.readiness();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        control = %daemon.config.control.socket.display(),
+        handoff = %daemon.config.handoff.socket.display(),
+        peer = %server.peer_addr()?,
+        state_dir = %daemon.config.state_dir.display(),
+        "listening (not serving until the configured devices are open)"
+    );
+    let shutdown = CancellationToken::new();
+    let mut serving = tokio::spawn(server.run(shutdown.clone()));
+
+    let opened = {
+        let daemon = daemon.clone();
+        tokio::task::spawn_blocking(move || open_all_configured(&daemon.config.devices, &daemon.registry))
+            .await
+    };
+    let found = match opened {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return stop(shutdown, serving, Err(e.into())).await,
+        Err(join) => {
+            return stop(shutdown, serving, Err(anyhow::anyhow!("device open thread failed: {join}"))).await;
+        }
+    };
+    for device in &found {
+        tracing::info!(%device, "device opened");
+    }
+    readiness.set_serving().await;
+    let status = format!("serving; {} device(s) open", found.len());
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]) {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
+    tracing::info!("{status}");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
+        ended = &mut serving => {
+            return match ended {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the servers stopped on their own")),
+                Ok(Err(e)) => Err(e.into()),
+                Err(join) => Err(anyhow::anyhow!("server task failed: {join}")),
+            };
+        }
+    }
+    readiness.set_not_serving().await;
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    stop(shutdown, serving, Ok(())).await
+}
+
+/// Stops the servers (their socket files are removed) and returns `outcome`, or the
+/// servers' own failure if the outcome was fine.
+async fn stop(
+    shutdown: CancellationToken,
+    serving: tokio::task::JoinHandle<Result<(), vfio_migd::api::ApiError>>,
+    outcome: anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    shutdown.cancel();
+    let served = serving.await;
+    outcome?;
+    served.context("server task failed")??;
+    Ok(())
+}
+
+/// What `--check-config` prints.
+fn summary(config: &Config) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line("configuration OK".into());
+    line(format!("control.socket            {}", config.control.socket.display()));
+    line(format!("handoff.socket            {}", config.handoff.socket.display()));
+    line(format!("peer.listen               {}", config.peer.listen));
+    line(format!("peer.data_connections     {}", config.peer.data_connections));
+    line(format!("peer.max_frame_payload    {}", config.peer.max_frame_payload));
+    line(format!("state_dir                 {}", config.state_dir.display()));
+    line(format!("migration.phase_timeout_ms {}", config.migration.phase_timeout_ms));
+    line(format!("migration.pre_copy        {}", config.migration.pre_copy));
+    line(format!("migration.pre_copy_max_ms {}", config.migration.pre_copy_max_ms));
+    line(format!("migration.retained_jobs   {}", config.migration.retained_jobs));
+    line(format!("log.level                 {}", config.log.level));
+    line(format!("log.format                {:?}", config.log.format).to_lowercase());
+    line(format!("devices                   {}", config.devices.len()));
+    for device in &config.devices {
+        line(match device {
+            DeviceConfig::Sim(spec) => format!(
+                "  {}: sim {} caps={} state_size={}",
+                spec.name, spec.model, spec.caps, spec.state_size
+            ),
+            DeviceConfig::Group { name, sysfs_device } => format!("  {name}: vfio-group {sysfs_device}"),
+            DeviceConfig::Cdev { name, path } => format!("  {name}: vfio-cdev {}", path.display()),
+        });
+    }
+    if config.test.stream_fault.is_some() {
+        line("test.stream_fault         set (test-only fault injection is active)".into());
+    }
+    out
+}

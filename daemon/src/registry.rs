@@ -177,6 +177,33 @@ impl Registry {
         Ok(group)
     }
 
+    /// Adds a registered device to a group, defining the group if it does not exist (a VMM
+    /// handing over its devices one by one names the VM each belongs to). Refused while a
+    /// job holds any device of the group.
+    pub fn join_group(&self, group: &str, device: &str) -> Result<GroupDef, RegistryError> {
+        let mut inner = self.lock();
+        if !inner.devices.contains_key(device) {
+            return Err(RegistryError::UnknownDevice(device.into()));
+        }
+        if let Some(other) = inner.groups.values().find(|g| g.devices.iter().any(|d| d == device)) {
+            if other.name == group {
+                return Ok(other.clone());
+            }
+            return Err(RegistryError::InGroup { device: device.into(), group: other.name.clone() });
+        }
+        let Inner { groups, claims, .. } = &mut *inner;
+        let def = groups.entry(group.to_string()).or_insert_with(|| GroupDef {
+            name: group.to_string(),
+            devices: Vec::new(),
+            allow_multiple_non_p2p: false,
+        });
+        if let Some(busy) = def.devices.iter().find(|d| claims.contains_key(*d)) {
+            return Err(RegistryError::Busy { device: busy.clone(), job: claims[busy].clone() });
+        }
+        def.devices.push(device.to_string());
+        Ok(def.clone())
+    }
+
     pub fn group(&self, name: &str) -> Result<GroupDef, RegistryError> {
         self.lock().groups.get(name).cloned().ok_or_else(|| RegistryError::UnknownGroup(name.into()))
     }

@@ -1,2 +1,261 @@
-//! gRPC services.
+//! The daemon's listeners and the thin gRPC services behind them:
+//! - the control socket (Unix, 0660): [`control::ControlService`], `grpc.health.v1` and
+//!   server reflection (v1 and v1alpha), so `grpcurl -plaintext -unix <socket> list` works;
+//! - the peer listener (TCP): [`peer::PeerService`] and health, tuned for bulk streams;
+//! - the fd handoff socket (Unix, 0660): [`crate::handoff`].
+//!
+//! [`ApiServer::bind`] binds everything first, with health NOT_SERVING; the caller opens
+//! its configured devices meanwhile and flips [`Readiness::set_serving`] when done.
+
+pub mod control;
+pub mod convert;
 pub mod peer;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use vfio_migd_proto::v1::control_server::{ControlServer, SERVICE_NAME as CONTROL_SERVICE};
+use vfio_migd_proto::v1::peer_server::{PeerServer, SERVICE_NAME as PEER_SERVICE};
+
+pub use control::ControlService;
+pub use peer::PeerService;
+
+use crate::engine::Daemon;
+
+/// HTTP/2 flow-control windows: device states are hundreds of MiB; the 64 KiB defaults
+/// would stall every stream on round trips.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot bind the {what} socket {}: {source}", path.display())]
+    BindUnix {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot bind the peer listener {addr}: {source}")]
+    BindTcp {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {what} server failed: {source}")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the handoff socket failed: {0}")]
+    Handoff(#[source] io::Error),
+    #[error(transparent)]
+    Device(#[from] crate::device::open::ConfiguredDeviceError),
+    #[error("a server task failed: {0}")]
+    Task(String),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Binds a Unix socket for a local API: creates the parent directory, replaces a stale
+/// socket file (refusing to delete anything that is not a socket), sets mode 0660.
+pub(crate) fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; refusing to replace it",
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Removes a socket file when the server stops, whatever the outcome.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.0.display(), error = %e, "cannot remove socket");
+        }
+    }
+}
+
+/// Flips the health status of every service this daemon serves.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    health: HealthReporter,
+}
+
+impl Readiness {
+    async fn set(&self, status: ServingStatus) {
+        for service in ["", CONTROL_SERVICE, PEER_SERVICE] {
+            self.health.set_service_status(service, status).await;
+        }
+    }
+
+    /// Ready: configured devices are open and migrations are accepted.
+    pub async fn set_serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    /// Starting up or draining.
+    pub async fn set_not_serving(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+}
+
+/// Every listener of the daemon, bound and not yet serving.
+#[derive(Debug)]
+pub struct ApiServer {
+    daemon: Arc<Daemon>,
+    readiness: Readiness,
+    control: UnixListener,
+    control_file: SocketFile,
+    handoff: UnixListener,
+    handoff_file: SocketFile,
+    peer: TcpListener,
+}
+
+impl ApiServer {
+    /// Binds the control socket, the handoff socket and the peer listener named by the
+    /// daemon's configuration. Health starts NOT_SERVING.
+    pub async fn bind(daemon: Arc<Daemon>) -> Result<ApiServer, ApiError> {
+        let config = &daemon.config;
+        let unix = |what, path: &Path| {
+            bind_unix(path).map_err(|source| ApiError::BindUnix { what, path: path.to_path_buf(), source })
+        };
+        let control = unix("control", &config.control.socket)?;
+        let control_file = SocketFile(config.control.socket.clone());
+        let handoff = unix("handoff", &config.handoff.socket)?;
+        let handoff_file = SocketFile(config.handoff.socket.clone());
+        let addr = config.peer.listen;
+        let peer = TcpListener::bind(addr).await.map_err(|source| ApiError::BindTcp { addr, source })?;
+        let readiness = Readiness { health: HealthReporter::new() };
+        readiness.set_not_serving().await;
+        Ok(ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer })
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// The peer listener's address (the port is chosen by the kernel for port 0).
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.peer.local_addr()
+    }
+
+    /// Serves until `shutdown`, then removes the socket files. Streaming calls
+    /// (`WatchJob`) end at shutdown so they do not hold the server open. If one listener
+    /// fails, the others are stopped too.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApiError> {
+        let ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer } = self;
+        let _remove_on_exit = (control_file, handoff_file);
+        // Only what this socket serves is listed: the Peer service shares the descriptor
+        // set but lives on the peer listener.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(vfio_migd_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(CONTROL_SERVICE)
+                .with_service_name(HEALTH_SERVICE)
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let health = || HealthServer::new(HealthService::from_health_reporter(readiness.health.clone()));
+
+        let control_server = tuned_server()
+            .add_service(health())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ControlServer::new(ControlService::new(daemon.clone(), shutdown.clone())))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(control),
+                shutdown.clone().cancelled_owned(),
+            );
+        let peer_server = tuned_server()
+            .add_service(health())
+            .add_service(PeerServer::new(PeerService::new(daemon.clone())))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(peer).with_nodelay(Some(true)),
+                shutdown.clone().cancelled_owned(),
+            );
+        let handoff_server = crate::handoff::serve(daemon, handoff, shutdown.clone());
+        tokio::try_join!(
+            async { control_server.await.map_err(|source| ApiError::Serve { what: "control", source }) },
+            async { peer_server.await.map_err(|source| ApiError::Serve { what: "peer", source }) },
+            async { handoff_server.await.map_err(ApiError::Handoff) },
+        )?;
+        Ok(())
+    }
+}
+
+fn tuned_server() -> Server {
+    Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .tcp_nodelay(true)
+}
+
+/// Binds every listener (health NOT_SERVING), opens the configured devices, reports
+/// SERVING, and serves until `shutdown`. `vfio-migd` itself uses [`ApiServer`] directly so
+/// it can log each device and notify systemd in between.
+pub async fn serve(daemon: Arc<Daemon>, shutdown: CancellationToken) -> Result<(), ApiError> {
+    let server = ApiServer::bind(daemon.clone()).await?;
+    let readiness = server.readiness();
+    let running = tokio::spawn(server.run(shutdown.clone()));
+    let opened = {
+        let daemon = daemon.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::device::open::open_all_configured(&daemon.config.devices, &daemon.registry)
+        })
+        .await
+    };
+    match opened {
+        Ok(Ok(found)) => {
+            for device in found {
+                tracing::info!(%device, "device opened");
+            }
+            readiness.set_serving().await;
+        }
+        Ok(Err(e)) => {
+            shutdown.cancel();
+            let _ = running.await;
+            return Err(ApiError::Device(e));
+        }
+        Err(join) => {
+            shutdown.cancel();
+            let _ = running.await;
+            return Err(ApiError::Task(format!("device open thread: {join}")));
+        }
+    }
+    running.await.unwrap_or_else(|join| Err(ApiError::Task(join.to_string())))
+}

@@ -9,8 +9,8 @@ use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::peer_server::Peer;
 
 use crate::device::DeviceIdentity;
+use crate::engine::Daemon;
 use crate::engine::destination::{Offer, OfferedDevice};
-use crate::engine::{Daemon, EngineError};
 use crate::fsm::Caps;
 
 pub struct PeerService {
@@ -24,17 +24,6 @@ impl PeerService {
 
     pub fn into_server(self) -> pb::peer_server::PeerServer<PeerService> {
         pb::peer_server::PeerServer::new(self)
-    }
-}
-
-pub(crate) fn status_of(e: EngineError) -> Status {
-    match e {
-        EngineError::NotFound(m) => Status::not_found(m),
-        EngineError::InvalidArgument(m) => Status::invalid_argument(m),
-        EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
-        EngineError::Unavailable(m) => Status::unavailable(m),
-        EngineError::Aborted(m) => Status::aborted(m),
-        EngineError::Internal(m) => Status::internal(m),
     }
 }
 
@@ -80,7 +69,7 @@ impl Peer for PeerService {
             max_frame_payload: req.max_frame_payload as usize,
             source_peer: req.source_peer,
         };
-        let accepted = self.daemon.accept_offer(offer, listen_ip).await.map_err(status_of)?;
+        let accepted = self.daemon.accept_offer(offer, listen_ip).await.map_err(Status::from)?;
         Ok(Response::new(pb::HandshakeResponse {
             protocol_version: crate::engine::destination::PROTOCOL_VERSION,
             data_port: accepted.data_port as u32,
@@ -94,7 +83,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::AwaitLoadedResponse>, Status> {
         let req = request.into_inner();
         let timeout = Duration::from_millis(self.daemon.config.migration.phase_timeout_ms);
-        let loaded = self.daemon.await_loaded(&req.job_id, timeout).await.map_err(status_of)?;
+        let loaded = self.daemon.await_loaded(&req.job_id, timeout).await.map_err(Status::from)?;
         Ok(Response::new(pb::AwaitLoadedResponse {
             devices: loaded
                 .into_iter()
@@ -108,13 +97,13 @@ impl Peer for PeerService {
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
         let req = request.into_inner();
-        let running_at_unix_ns = self.daemon.commit_incoming(&req.job_id).await.map_err(status_of)?;
+        let running_at_unix_ns = self.daemon.commit_incoming(&req.job_id).await.map_err(Status::from)?;
         Ok(Response::new(pb::CommitResponse { running_at_unix_ns }))
     }
 
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
         let req = request.into_inner();
-        self.daemon.abort_incoming(&req.job_id, &req.reason).await.map_err(status_of)?;
+        self.daemon.abort_incoming(&req.job_id, &req.reason).await.map_err(Status::from)?;
         Ok(Response::new(pb::AbortResponse {}))
     }
 
@@ -123,6 +112,6 @@ impl Peer for PeerService {
         request: Request<pb::QueryJobRequest>,
     ) -> Result<Response<pb::QueryJobResponse>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.daemon.query_job(&req.job_id).map_err(status_of)?))
+        Ok(Response::new(self.daemon.query_job(&req.job_id).map_err(Status::from)?))
     }
 }

@@ -7,6 +7,7 @@
 //! report failures as [`DeviceError`] with the errno the kernel returned (or would
 //! return) and its [`ErrorKind`].
 
+pub mod open;
 pub mod sim;
 pub mod vfio;
 

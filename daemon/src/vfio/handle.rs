@@ -137,6 +137,13 @@ impl VfioDeviceFd {
         &self.name
     }
 
+    /// Gives the device the name the operator knows it by (configuration, control API):
+    /// a device opened by its sysfs name is still named `nic0` in every later error.
+    pub fn renamed(mut self, name: impl Into<String>) -> VfioDeviceFd {
+        self.name = name.into();
+        self
+    }
+
     pub fn open_path(&self) -> OpenPath {
         match &self.backing {
             Backing::Group { id, .. } => OpenPath::Group { group: *id },

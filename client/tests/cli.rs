@@ -1,0 +1,314 @@
+//! The built `vfio-migctl` binary against a daemon served in-process on a temporary
+//! socket: output, `--json` parseability and exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use vfio_migd::api::ApiServer;
+use vfio_migd::config::Config;
+use vfio_migd::engine::Daemon;
+use vfio_migd::job::{Job, JobStatus, Phase, Role};
+use vfio_migd::registry::Registry;
+
+struct Served {
+    _dir: tempfile::TempDir,
+    daemon: Arc<Daemon>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), vfio_migd::api::ApiError>>,
+}
+
+impl Served {
+    async fn start() -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "state_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/control.sock\"\n\
+             [handoff]\nsocket = \"{0}/run/handoff.sock\"\n[peer]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().display()
+        );
+        let daemon =
+            Daemon::new(Config::from_toml(&text, false).unwrap(), Arc::new(Registry::default())).unwrap();
+        let server = ApiServer::bind(daemon.clone()).await.unwrap();
+        server.readiness().set_serving().await;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Served { _dir: dir, daemon, shutdown, task }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.daemon.config.control.socket.clone()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn migctl(socket: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_vfio-migctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("VFIO_MIGD_SOCKET")
+        .output()
+        .await
+        .expect("run vfio-migctl")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stdout(output)))
+}
+
+fn one_line_error(output: &Output) -> String {
+    let text = stderr(output);
+    assert_eq!(text.trim_end().lines().count(), 1, "one clear line, no backtrace: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_serving_in_text_and_json() {
+    let served = Served::start().await;
+    let text = migctl(&served.socket(), &["health"]).await;
+    assert_eq!(text.status.code(), Some(0), "{}", stderr(&text));
+    assert_eq!(stdout(&text).trim(), "SERVING");
+    let as_json = migctl(&served.socket(), &["--json", "health"]).await;
+    assert_eq!(json(&as_json)["status"], "SERVING");
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_daemon_exits_5_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("control.sock");
+    for args in [&["health"][..], &["devices"], &["--json", "jobs", "list"]] {
+        let output = migctl(&missing, args).await;
+        assert_eq!(output.status.code(), Some(5), "{args:?}");
+        let error = one_line_error(&output);
+        assert!(error.contains("cannot reach vfio-migd") && error.contains("control.sock"), "{error}");
+    }
+    // A socket file nobody listens on.
+    drop(std::os::unix::net::UnixListener::bind(&missing).unwrap());
+    let output = migctl(&missing, &["health"]).await;
+    assert_eq!(output.status.code(), Some(5));
+    one_line_error(&output);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2() {
+    let socket = Path::new("/nonexistent/control.sock");
+    for args in [
+        &["frobnicate"][..],
+        &["migrate", "--group", "vm1"],
+        &["migrate", "--group", "vm1", "--job-id", "j", "--peer", "h:1", "--map", "nic0"],
+        &["migrate", "--group", "vm1", "--job-id", "j", "--peer", "no-port", "--map", "a=b"],
+        &["devices", "register", "x"],
+        &["resolve", "j1", "--decision", "maybe"],
+        &["incoming", "--job-id", "j1"],
+    ] {
+        let output = migctl(socket, args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(!stderr(&output).contains("panicked"), "{args:?}");
+    }
+    let help = migctl(socket, &["--help"]).await;
+    assert_eq!(help.status.code(), Some(0));
+    assert!(stdout(&help).contains("Exit codes"));
+    let version = migctl(socket, &["--version"]).await;
+    assert_eq!(stdout(&version).trim(), format!("vfio-migctl {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_refusals_exit_1_with_the_reason() {
+    let served = Served::start().await;
+    let socket = served.socket();
+    let cases: [(&[&str], &str); 4] = [
+        (&["devices", "show", "nic0"], "not found: device `nic0` is not registered"),
+        (&["groups", "define", "vm1", "ghost"], "`ghost`"),
+        (&["migrate", "--group", "vm1", "--dry-run"], "group `vm1` is not defined"),
+        (&["jobs", "show", "j9"], "job `j9` not found"),
+    ];
+    for (args, text) in cases {
+        let output = migctl(&socket, args).await;
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let error = one_line_error(&output);
+        assert!(error.contains(text), "{args:?}: {error}");
+    }
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_lists_print_and_parse() {
+    let served = Served::start().await;
+    let socket = served.socket();
+    for what in ["devices", "groups", "jobs"] {
+        let text = migctl(&socket, &[what]).await;
+        assert_eq!(text.status.code(), Some(0));
+        assert_eq!(stdout(&text).trim(), format!("no {what}"));
+        let as_json = migctl(&socket, &["--json", what, "list"]).await;
+        assert_eq!(json(&as_json), Value::Array(vec![]), "{what}");
+    }
+    served.stop().await;
+}
+
+fn insert_job(daemon: &Daemon, id: &str) -> Arc<Job> {
+    let job = Job::new(id, Role::Source, "vm1", "10.0.0.2:7410", vec![("nic0".into(), "nic9".into())]);
+    daemon.jobs.insert_or_get(job).0
+}
+
+/// Drives a job through phases to `status` while the CLI watches it.
+async fn watch_to(served: &Served, id: &str, status: JobStatus, extra: &[&str]) -> Output {
+    let job = insert_job(&served.daemon, id);
+    job.enter_phase(Phase::Handshake);
+    let driver = tokio::spawn(async move {
+        // Let the watcher attach first; it would see the final state either way.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        job.enter_phase(Phase::Drain);
+        let counters = job.counters("nic0").unwrap();
+        counters.bytes_total.store(3 << 20, std::sync::atomic::Ordering::Relaxed);
+        counters.bytes_done.store(3 << 20, std::sync::atomic::Ordering::Relaxed);
+        job.update(|s| s.downtime = Some(std::time::Duration::from_millis(42)));
+        let error =
+            (status != JobStatus::Succeeded).then(|| "phase drain: nic0: data_fd read failed".to_string());
+        job.finish(status, error);
+    });
+    let mut args = extra.to_vec();
+    args.extend(["watch", id]);
+    let output = migctl(&served.socket(), &args).await;
+    driver.await.unwrap();
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_with_a_summary_and_the_outcome_as_exit_code() {
+    let served = Served::start().await;
+
+    let ok = watch_to(&served, "ok", JobStatus::Succeeded, &[]).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    let text = stdout(&ok);
+    assert!(text.contains("job ok (source): succeeded"), "{text}");
+    assert!(text.contains("moved:    3.00 MiB"), "{text}");
+    assert!(text.contains("downtime: 42 ms"), "{text}");
+    assert!(text.contains("phases:   handshake"), "{text}");
+
+    let rolled_back = watch_to(&served, "rb", JobStatus::RolledBack, &[]).await;
+    assert_eq!(rolled_back.status.code(), Some(3));
+    assert!(stdout(&rolled_back).contains("data_fd read failed"));
+
+    let cancelled = watch_to(&served, "cx", JobStatus::Cancelled, &["--json"]).await;
+    assert_eq!(cancelled.status.code(), Some(3));
+    let job = json(&cancelled);
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(job["bytes_done"], 3 << 20);
+    assert_eq!(job["devices"][0]["peer_name"], "nic9");
+
+    let in_doubt = watch_to(&served, "id", JobStatus::InDoubt, &[]).await;
+    assert_eq!(in_doubt.status.code(), Some(4));
+    assert!(stdout(&in_doubt).contains("vfio-migctl resolve id"), "{}", stdout(&in_doubt));
+
+    let failed = watch_to(&served, "f", JobStatus::Failed, &["--json"]).await;
+    assert_eq!(failed.status.code(), Some(1));
+    assert_eq!(json(&failed)["status"], "failed");
+
+    let listed = migctl(&served.socket(), &["--json", "jobs"]).await;
+    let jobs = json(&listed);
+    assert_eq!(jobs.as_array().map(Vec::len), Some(5));
+    let shown = migctl(&served.socket(), &["jobs", "show", "rb"]).await;
+    assert_eq!(shown.status.code(), Some(0));
+    assert!(stdout(&shown).contains("rolled-back"));
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_groups_plans_and_handoff_through_the_cli() {
+    let served = Served::start().await;
+    let socket = served.socket();
+    let run = |args: &'static [&'static str]| migctl(&socket, args);
+
+    let registered = run(&[
+        "devices",
+        "register",
+        "nic0",
+        "--sim",
+        "STOP_COPY|P2P",
+        "--state-size",
+        "64KiB",
+        "--model",
+        "sim-nic",
+    ])
+    .await;
+    assert_eq!(registered.status.code(), Some(0), "{}", stderr(&registered));
+    assert!(stdout(&registered).contains("identity:    sim/sim-nic"), "{}", stdout(&registered));
+    let gpu = run(&["--json", "devices", "register", "gpu0", "--sim", "STOP_COPY|P2P|PRE_COPY"]).await;
+    assert_eq!(json(&gpu)["caps"], "STOP_COPY|P2P|PRE_COPY");
+
+    let listed = json(&run(&["--json", "devices"]).await);
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["gpu0", "nic0"]);
+    assert_eq!(listed[1]["state"], "RUNNING");
+    let table = stdout(&run(&["devices", "list"]).await);
+    assert!(
+        table.starts_with("NAME") && table.contains("nic0") && table.contains("STOP_COPY|P2P"),
+        "{table}"
+    );
+
+    let defined = run(&["groups", "define", "vm1", "nic0", "gpu0"]).await;
+    assert_eq!(defined.status.code(), Some(0), "{}", stderr(&defined));
+    let plan = json(&run(&["--json", "migrate", "--group", "vm1", "--dry-run"]).await);
+    assert_eq!(plan["group"], "vm1");
+    assert_eq!(plan["devices"][1]["pre_copy"], true);
+    assert!(plan["steps"].as_array().unwrap().len() >= 5);
+    let plan_text = stdout(&run(&["migrate", "--group", "vm1", "--dry-run"]).await);
+    assert!(plan_text.contains("p2p barrier"), "{plan_text}");
+
+    let handoff_socket = served.daemon.config.handoff.socket.display().to_string();
+    let handed = migctl(
+        &socket,
+        &[
+            "handoff",
+            "--name",
+            "uart0",
+            "--sim",
+            "STOP_COPY",
+            "--group",
+            "vm2",
+            "--handoff-socket",
+            &handoff_socket,
+        ],
+    )
+    .await;
+    assert_eq!(handed.status.code(), Some(0), "{}", stderr(&handed));
+    assert!(stdout(&handed).starts_with("handed over: uart0"), "{}", stdout(&handed));
+    let refused = migctl(
+        &socket,
+        &["--json", "handoff", "--name", "uart0", "--sim", "STOP_COPY", "--handoff-socket", &handoff_socket],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    let reply = json(&refused);
+    assert_eq!(reply["ok"], false);
+    assert!(reply["error"].as_str().unwrap().contains("already registered"), "{reply}");
+
+    let groups = json(&run(&["--json", "groups"]).await);
+    assert_eq!(groups.as_array().map(Vec::len), Some(2));
+    let uart = json(&run(&["--json", "devices", "show", "uart0"]).await);
+    assert_eq!((uart["backend"].as_str(), uart["group"].as_str()), (Some("handoff"), Some("vm2")));
+
+    let busy = run(&["devices", "release", "nic0"]).await;
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(one_line_error(&busy).contains("belongs to group `vm1`"));
+    assert_eq!(run(&["groups", "delete", "vm1"]).await.status.code(), Some(0));
+    let released = run(&["--json", "devices", "release", "nic0"]).await;
+    assert_eq!(json(&released)["released"], "nic0");
+    served.stop().await;
+}
