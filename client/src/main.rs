@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure, 2 usage error, 3 migration rolled back or cancelled,
 //! 4 job in doubt (needs `resolve`), 5 daemon unreachable.
 
+mod demo;
 mod render;
 mod watch;
 
@@ -100,6 +101,13 @@ enum Command {
     Health,
     /// Hand a device fd over to the daemon through its handoff socket (what a VMM does).
     Handoff(HandoffArgs),
+    /// Start two vfio-migd daemons with simulated devices, migrate a VM's group of four
+    /// devices between them, verify every device byte for byte, and clean up.
+    Demo {
+        /// Keep the demo's directory (configs, daemon logs, arc logs) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -334,6 +342,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Handoff(ref args) => handoff(args, cli.json),
+        Command::Demo { keep } => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(runtime) => {
+                let opts = demo::DemoOptions { keep, display: display_for(cli.json), json: cli.json };
+                runtime.block_on(demo::run(opts)).map_err(|e| Failure::new(EXIT_FAILURE, format!("demo: {e:#}")))
+            }
+            Err(e) => Err(Failure::new(EXIT_FAILURE, format!("cannot start the async runtime: {e}"))),
+        },
         _ => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime.block_on(run(&cli)),
             Err(e) => Err(Failure::new(EXIT_FAILURE, format!("cannot start the async runtime: {e}"))),
@@ -451,7 +466,7 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        Command::Health | Command::Handoff(_) => unreachable_command(),
+        Command::Health | Command::Handoff(_) | Command::Demo { .. } => unreachable_command(),
     }
 }
 
@@ -583,14 +598,18 @@ async fn migrate(client: &mut ControlClient<Channel>, args: &MigrateArgs, json: 
 }
 
 /// Follows a job to its end, prints the summary, and turns the outcome into the exit code.
-async fn follow(client: &mut ControlClient<Channel>, job_id: &str, json: bool) -> Result<u8, Failure> {
-    let display = if json {
+fn display_for(json: bool) -> Display {
+    if json {
         Display::Quiet
     } else if std::io::stdout().is_terminal() {
         Display::Bars
     } else {
         Display::Lines
-    };
+    }
+}
+
+async fn follow(client: &mut ControlClient<Channel>, job_id: &str, json: bool) -> Result<u8, Failure> {
+    let display = display_for(json);
     let job = watch::follow(client, job_id, display).await?;
     if json {
         print_json(&render::job_json(&job));

@@ -111,6 +111,20 @@ impl DaemonProcess {
         ControlClient::new(channel)
     }
 
+    /// Waits until the daemon has registered `count` devices (they open after the socket).
+    pub async fn wait_for_devices(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut client = self.control().await;
+        loop {
+            let listed = client.list_devices(vfio_migd_proto::v1::ListDevicesRequest {}).await;
+            if listed.is_ok_and(|l| l.into_inner().devices.len() >= count) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "daemon {} never registered {count} devices; log:\n{}", self.name, self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

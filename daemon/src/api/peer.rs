@@ -9,9 +9,18 @@ use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::peer_server::Peer;
 
 use crate::device::DeviceIdentity;
-use crate::engine::Daemon;
+use crate::engine::{Daemon, EngineError};
 use crate::engine::destination::{Offer, OfferedDevice};
 use crate::fsm::Caps;
+
+/// Runs a state-changing peer request on its own task, so that it completes even when
+/// the caller gives up (a timed-out or dropped RPC cancels the handler's future): a
+/// half-done handshake, commit or abort would leave devices between states.
+async fn run_to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, EngineError>> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::spawn(work).await.unwrap_or_else(|e| Err(EngineError::Internal(format!("peer request task failed: {e}"))))
+}
 
 pub struct PeerService {
     daemon: Arc<Daemon>,
@@ -69,7 +78,9 @@ impl Peer for PeerService {
             max_frame_payload: req.max_frame_payload as usize,
             source_peer: req.source_peer,
         };
-        let accepted = self.daemon.accept_offer(offer, listen_ip).await.map_err(Status::from)?;
+        let daemon = self.daemon.clone();
+        let accepted =
+            run_to_completion(async move { daemon.accept_offer(offer, listen_ip).await }).await.map_err(Status::from)?;
         Ok(Response::new(pb::HandshakeResponse {
             protocol_version: crate::engine::destination::PROTOCOL_VERSION,
             data_port: accepted.data_port as u32,
@@ -97,13 +108,18 @@ impl Peer for PeerService {
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
         let req = request.into_inner();
-        let running_at_unix_ns = self.daemon.commit_incoming(&req.job_id).await.map_err(Status::from)?;
+        let daemon = self.daemon.clone();
+        let running_at_unix_ns =
+            run_to_completion(async move { daemon.commit_incoming(&req.job_id).await }).await.map_err(Status::from)?;
         Ok(Response::new(pb::CommitResponse { running_at_unix_ns }))
     }
 
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
         let req = request.into_inner();
-        self.daemon.abort_incoming(&req.job_id, &req.reason).await.map_err(Status::from)?;
+        let daemon = self.daemon.clone();
+        run_to_completion(async move { daemon.abort_incoming(&req.job_id, &req.reason).await })
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(pb::AbortResponse {}))
     }
 
