@@ -139,6 +139,13 @@ pub struct Comparison {
     pub ratio: f64,
     pub values: Vec<f64>,
     pub baselines: Vec<f64>,
+    /// Median over the stream trials of bytes per data frame: small frames mean the
+    /// producers' reads return little at a time.
+    pub mean_frame_bytes: f64,
+    /// Median CPU time (user + system, whole process) per GB moved, stream and relay:
+    /// what the stream costs on top of the path, whatever else the machine is doing.
+    pub cpu_seconds_per_gb: f64,
+    pub baseline_cpu_seconds_per_gb: f64,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -156,7 +163,9 @@ fn check_delivery(device: u32, expected: u64, got: u64) -> Result<(), BenchError
     if got == expected { Ok(()) } else { Err(BenchError::ShortDelivery { device, expected, got }) }
 }
 
-/// Runs `pairs` pairs of trials, alternating which of the two goes first.
+/// Runs `pairs` pairs of trials, alternating which of the two goes first, after one
+/// unmeasured pair (the first trial of a process pays for page faults and socket
+/// buffer growth that later ones do not).
 pub async fn compare(
     endpoints: Arc<dyn BenchEndpoints>,
     setup: &BenchSetup,
@@ -164,32 +173,80 @@ pub async fn compare(
 ) -> Result<Comparison, BenchError> {
     let mut values = Vec::with_capacity(pairs);
     let mut baselines = Vec::with_capacity(pairs);
+    let mut frame_sizes = Vec::with_capacity(pairs);
+    let mut cpu = Vec::with_capacity(pairs);
+    let mut baseline_cpu = Vec::with_capacity(pairs);
+    let gb = setup.total_bytes() as f64 / 1e9;
+    relay_trial_off_reactor(&endpoints, setup).await?;
+    stream_trial(endpoints.as_ref(), setup).await?;
     for pair in 0..pairs {
-        if pair % 2 == 0 {
-            baselines.push(relay_trial_off_reactor(&endpoints, setup).await?);
-            values.push(stream_trial(endpoints.as_ref(), setup).await?);
-        } else {
-            values.push(stream_trial(endpoints.as_ref(), setup).await?);
-            baselines.push(relay_trial_off_reactor(&endpoints, setup).await?);
+        let relay_first = pair % 2 == 0;
+        if relay_first {
+            let (rate, seconds) = relay_trial_off_reactor(&endpoints, setup).await?;
+            baselines.push(rate);
+            baseline_cpu.push(seconds / gb);
+        }
+        let before = cpu_seconds()?;
+        let trial = stream_trial(endpoints.as_ref(), setup).await?;
+        cpu.push((cpu_seconds()? - before) / gb);
+        values.push(trial.rate);
+        frame_sizes.push(trial.mean_frame_bytes);
+        if !relay_first {
+            let (rate, seconds) = relay_trial_off_reactor(&endpoints, setup).await?;
+            baselines.push(rate);
+            baseline_cpu.push(seconds / gb);
         }
     }
     let (value, baseline) = (median(&values), median(&baselines));
-    Ok(Comparison { value, baseline, ratio: value / baseline, values, baselines })
+    Ok(Comparison {
+        value,
+        baseline,
+        ratio: value / baseline,
+        values,
+        baselines,
+        mean_frame_bytes: median(&frame_sizes),
+        cpu_seconds_per_gb: median(&cpu),
+        baseline_cpu_seconds_per_gb: median(&baseline_cpu),
+    })
 }
 
+/// CPU time the whole process has used so far.
+fn cpu_seconds() -> io::Result<f64> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF).map_err(io::Error::from)?;
+    let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Ok(seconds(usage.user_time()) + seconds(usage.system_time()))
+}
+
+/// A relay trial on a blocking thread: its rate and the CPU seconds it used.
 async fn relay_trial_off_reactor(
     endpoints: &Arc<dyn BenchEndpoints>,
     setup: &BenchSetup,
-) -> Result<f64, BenchError> {
+) -> Result<(f64, f64), BenchError> {
     let (endpoints, setup) = (Arc::clone(endpoints), setup.clone());
-    tokio::task::spawn_blocking(move || relay_trial(endpoints.as_ref(), &setup))
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    tokio::task::spawn_blocking(move || {
+        let before = cpu_seconds()?;
+        let rate = relay_trial(endpoints.as_ref(), &setup)?;
+        Ok((rate, cpu_seconds()? - before))
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// What one stream trial measured.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamTrial {
+    /// GB/s.
+    pub rate: f64,
+    pub mean_frame_bytes: f64,
 }
 
 /// One trial of the stream; GB/s from the first device given to the sender until every
 /// consumer has seen its device's end. Connections and buffers are set up before.
-pub async fn stream_trial(endpoints: &dyn BenchEndpoints, setup: &BenchSetup) -> Result<f64, BenchError> {
+pub async fn stream_trial(
+    endpoints: &dyn BenchEndpoints,
+    setup: &BenchSetup,
+) -> Result<StreamTrial, BenchError> {
     let preamble = Preamble { job_id: "bench".into(), token: b"bench".to_vec() };
     let (receiver, port) = StreamReceiver::bind(Ipv4Addr::LOCALHOST.into()).await?;
     let mut sinks = Vec::with_capacity(setup.devices);
@@ -222,7 +279,7 @@ pub async fn stream_trial(endpoints: &dyn BenchEndpoints, setup: &BenchSetup) ->
     }
     let (sent, received) = tokio::join!(sender.finish(), handle.wait());
     sent?;
-    received?;
+    let frames: u64 = received?.iter().map(|summary| summary.frames).sum();
     let consumed =
         tokio::task::spawn_blocking(move || sinks.into_iter().map(|done| done()).collect::<Vec<_>>())
             .await
@@ -235,7 +292,10 @@ pub async fn stream_trial(endpoints: &dyn BenchEndpoints, setup: &BenchSetup) ->
     for done in sources {
         done()?;
     }
-    Ok(rate(setup.total_bytes(), elapsed))
+    Ok(StreamTrial {
+        rate: rate(setup.total_bytes(), elapsed),
+        mean_frame_bytes: setup.total_bytes() as f64 / frames.max(1) as f64,
+    })
 }
 
 /// One trial of the plain relay, blocking: per device, a thread copies the source fd to

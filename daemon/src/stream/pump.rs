@@ -1,13 +1,20 @@
 //! The blocking side of the stream: each device's `data_fd` is read (source) or written
-//! (destination) by its own thread, which moves a few reused buffers through bounded
-//! queues to and from the connection threads.
+//! (destination) by its own thread, with a few buffers allocated before any data flows
+//! and reused for the whole stream.
 //!
-//! A device owns a [`BufferPool`] of `buffers_per_device` buffers allocated before any
-//! data flows. Whoever fills a buffer takes it from the pool (blocking when every buffer
-//! is in flight: that is the back-pressure), and whoever empties it gives it back. Queues
-//! carry only pool buffers and END records, so they are bounded by the pools. Every
-//! blocking wait can be aborted; a thread blocked inside a `read()` or `write()` of a
-//! device fd cannot, and finishes when the fd returns.
+//! Source: a device's reader reads a buffer, checksums it while it is in cache, and
+//! writes the frame to its connection itself ([`FrameSink`], a lock per connection), so
+//! the bytes go from the fd to the socket on one core with no hand-off, as in a plain
+//! relay. A slow connection blocks the readers that share it: that is the back-pressure.
+//!
+//! Destination: a connection's receiver thread reads each payload into one of the
+//! device's [`BufferPool`] buffers (blocking while all are in flight: back-pressure) and
+//! queues it for the device's writer thread, which gives it back once written. Queues
+//! carry only pool buffers and END records, so they are bounded by the pools. (A device
+//! alone on its connection is written by the receiver thread itself, see `transport`.)
+//!
+//! Every blocking wait can be aborted; a thread blocked inside a `read()` or `write()` of
+//! a device fd cannot, and finishes when the fd returns.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -183,8 +190,6 @@ struct QueueState<T> {
 
 pub(crate) enum Popped<T> {
     Item(T),
-    /// Nothing arrived within the idle time.
-    Idle,
     Aborted,
 }
 
@@ -208,8 +213,8 @@ impl<T> FrameQueue<T> {
         true
     }
 
-    /// Waits for an item, at most `idle` if given.
-    pub(crate) fn pop(&self, idle: Option<Duration>) -> Popped<T> {
+    /// Waits for an item.
+    pub(crate) fn pop(&self) -> Popped<T> {
         let mut state = lock(&self.state);
         loop {
             if state.aborted {
@@ -218,17 +223,7 @@ impl<T> FrameQueue<T> {
             if let Some(item) = state.items.pop_front() {
                 return Popped::Item(item);
             }
-            state = match idle {
-                None => self.pushed.wait(state).unwrap_or_else(PoisonError::into_inner),
-                Some(idle) => {
-                    let (state, waited) =
-                        self.pushed.wait_timeout(state, idle).unwrap_or_else(PoisonError::into_inner);
-                    if waited.timed_out() && state.items.is_empty() && !state.aborted {
-                        return Popped::Idle;
-                    }
-                    state
-                }
-            };
+            state = self.pushed.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -293,20 +288,26 @@ impl Outgoing {
     }
 }
 
+/// Where a device's reader puts its frames: the connection the device travels on.
+pub(crate) trait FrameSink: Send + Sync {
+    /// Writes the frame to the wire and gives its buffer back (also on failure).
+    fn send(&self, frame: Outgoing) -> Result<(), StreamError>;
+}
+
 /// The source's reader of one device's saving `data_fd`.
 pub(crate) struct DeviceReader {
     pub(crate) device: u32,
     pub(crate) fd: Arc<DataFd>,
     pub(crate) switchover: Switchover,
     pub(crate) pool: Arc<BufferPool>,
-    pub(crate) queue: Arc<FrameQueue<Outgoing>>,
+    pub(crate) sink: Arc<dyn FrameSink>,
     pub(crate) max_payload: usize,
     pub(crate) precopy_poll: Duration,
     pub(crate) aborted: Arc<AtomicBool>,
 }
 
 impl DeviceReader {
-    /// Reads the device to its final end, queueing a data frame per read and then the
+    /// Reads the device to its final end, sending a data frame per read and then the
     /// END record. Each payload is checksummed here, right after the read, while it is
     /// still in this core's cache.
     pub(crate) fn run(self) -> Result<DeviceStreamSummary, StreamError> {
@@ -330,9 +331,7 @@ impl DeviceReader {
                 Ok(n) => {
                     let header = encoder.data(&buf[..n]);
                     let payload = OutgoingPayload::Data { buf, pool: Arc::clone(&self.pool) };
-                    if !self.queue.push(Outgoing { header, payload }) {
-                        return Err(StreamError::Aborted);
-                    }
+                    self.sink.send(Outgoing { header, payload })?;
                 }
                 Err(errno) => {
                     return Err(StreamError::DataFd { device: self.device, op: Op::DataRead, errno });
@@ -340,9 +339,7 @@ impl DeviceReader {
             }
         }
         let (header, record, summary) = encoder.end();
-        if !self.queue.push(Outgoing { header, payload: OutgoingPayload::End { record, summary } }) {
-            return Err(StreamError::Aborted);
-        }
+        self.sink.send(Outgoing { header, payload: OutgoingPayload::End { record, summary } })?;
         Ok(summary)
     }
 }
@@ -370,7 +367,7 @@ impl DeviceWriter {
     /// record came and every byte before it was written. The fd is closed on return.
     pub(crate) fn run(self) -> Result<DeviceStreamSummary, StreamError> {
         loop {
-            match self.queue.pop(None) {
+            match self.queue.pop() {
                 Popped::Item(Incoming::Data { buf, len }) => {
                     let written = self.fd.write_all_bytes(&buf[..len]);
                     self.pool.give(buf);
@@ -382,7 +379,7 @@ impl DeviceWriter {
                     self.progress.add(self.device, len);
                 }
                 Popped::Item(Incoming::End(summary)) => return Ok(summary),
-                Popped::Idle | Popped::Aborted => return Err(StreamError::Aborted),
+                Popped::Aborted => return Err(StreamError::Aborted),
             }
         }
     }
@@ -420,16 +417,19 @@ mod tests {
     }
 
     #[test]
-    fn queue_keeps_order_reports_idle_and_aborts() {
-        let queue = FrameQueue::new();
+    fn queue_keeps_order_and_aborts() {
+        let queue = Arc::new(FrameQueue::new());
         assert!(queue.push(1));
         assert!(queue.push(2));
-        assert!(matches!(queue.pop(None), Popped::Item(1)));
-        assert!(matches!(queue.pop(Some(Duration::from_millis(1))), Popped::Item(2)));
-        assert!(matches!(queue.pop(Some(Duration::from_millis(1))), Popped::Idle));
+        assert!(matches!(queue.pop(), Popped::Item(1)));
+        assert!(matches!(queue.pop(), Popped::Item(2)));
+        let waiter = {
+            let queue = Arc::clone(&queue);
+            thread::spawn(move || matches!(queue.pop(), Popped::Aborted))
+        };
         queue.abort();
+        assert!(waiter.join().unwrap());
         assert!(!queue.push(3));
-        assert!(matches!(queue.pop(None), Popped::Aborted));
     }
 
     #[test]

@@ -133,7 +133,9 @@ async fn one_device_of_every_size_arrives_byte_for_byte() {
 async fn eight_devices_over_several_connections_arrive_byte_for_byte() {
     let sizes = [0, 1, MIB + 1, 3 * MIB, 17, 2 * MIB - 1, 4096, 5 * MIB];
     let states: Vec<_> = sizes.iter().enumerate().map(|(i, &len)| state(i as u32, len)).collect();
-    for connections in [1, 3, 8] {
+    // 1 and 3: every connection carries several devices; 8: each device alone on its
+    // connection; 5: both kinds at once.
+    for connections in [1, 3, 5, 8] {
         assert_delivered(&states, transfer(&states, options(connections)).await);
     }
 }
@@ -145,15 +147,19 @@ async fn small_frames_and_minimal_buffers_still_deliver() {
     assert_delivered(&states, transfer(&states, opts).await);
 }
 
-/// Runs a faulty transfer of two devices on one connection with 4 KiB frames (every
-/// device has at least 16 frames, whatever sizes the pipe reads return).
-async fn faulty(fault: StreamFault) -> (StreamError, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+/// Runs a faulty transfer of two devices with 4 KiB frames (every device has at least 16
+/// frames, whatever sizes the pipe reads return), on one shared connection and on a
+/// connection each; returns what the receiver said each time and what arrived.
+async fn faulty(fault: StreamFault) -> Vec<(StreamError, Vec<Vec<u8>>, Vec<Vec<u8>>)> {
     let states: Vec<_> = (0..2).map(|i| state(i, 64 * 1024)).collect();
-    let opts = StreamOptions { max_payload: 4096, fault: Some(fault), ..options(1) };
-    let transfer = transfer(&states, opts).await;
-    assert!(transfer.sent.is_err() || transfer.received.is_err());
-    let err = transfer.received.expect_err("the receiver must refuse a faulty stream");
-    (err, states, transfer.arrived)
+    let mut outcomes = Vec::new();
+    for connections in [1, 2] {
+        let opts = StreamOptions { max_payload: 4096, fault: Some(fault), ..options(connections) };
+        let transfer = transfer(&states, opts).await;
+        let err = transfer.received.expect_err("the receiver must refuse a faulty stream");
+        outcomes.push((err, states.clone(), transfer.arrived));
+    }
+    outcomes
 }
 
 /// Nothing from a refused frame on may reach a device: what arrived is a prefix of
@@ -166,11 +172,12 @@ fn assert_prefixes(states: &[Vec<u8>], arrived: &[Vec<u8>]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_is_a_checksum_error_of_that_frame() {
-    let (err, states, arrived) = faulty(StreamFault::FlipByte { device: 1, frame: 3 }).await;
-    assert!(matches!(err, StreamError::BadChecksum { device: 1, sequence: 3, .. }), "{err}");
-    assert_eq!(err.device(), Some(1));
-    assert!(arrived[1].len() <= 3 * 4096, "device 1 received bytes from frame 3 on");
-    assert_prefixes(&states, &arrived);
+    for (err, states, arrived) in faulty(StreamFault::FlipByte { device: 1, frame: 3 }).await {
+        assert!(matches!(err, StreamError::BadChecksum { device: 1, sequence: 3, .. }), "{err}");
+        assert_eq!(err.device(), Some(1));
+        assert!(arrived[1].len() <= 3 * 4096, "device 1 received bytes from frame 3 on");
+        assert_prefixes(&states, &arrived);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,39 +192,47 @@ async fn a_flipped_end_record_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_frame_is_located() {
-    let (err, states, arrived) = faulty(StreamFault::Truncate { device: 0, frame: 5 }).await;
-    assert!(
-        matches!(
+    for (err, states, arrived) in faulty(StreamFault::Truncate { device: 0, frame: 5 }).await {
+        let located = matches!(
             err,
             StreamError::Truncated { at: Truncation::InPayload { device: 0, sequence: 5, .. }, .. }
-        ),
-        "{err}"
-    );
-    assert!(arrived[0].len() <= 5 * 4096);
-    assert_prefixes(&states, &arrived);
+        );
+        assert!(located, "{err}");
+        assert!(arrived[0].len() <= 5 * 4096);
+        assert_prefixes(&states, &arrived);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_is_a_truncation_before_end() {
-    let (err, states, arrived) = faulty(StreamFault::DropConnection { frame: 6 }).await;
-    assert!(matches!(err, StreamError::Truncated { at: Truncation::BeforeEnd { .. }, .. }), "{err}");
-    assert_prefixes(&states, &arrived);
+    for (err, states, arrived) in faulty(StreamFault::DropConnection { frame: 6 }).await {
+        assert!(matches!(err, StreamError::Truncated { at: Truncation::BeforeEnd { .. }, .. }), "{err}");
+        assert_prefixes(&states, &arrived);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicated_frame_is_a_sequence_error() {
-    let (err, states, arrived) = faulty(StreamFault::DuplicateFrame { device: 1, frame: 2 }).await;
-    assert!(matches!(err, StreamError::UnexpectedSequence { device: 1, expected: 3, received: 2 }), "{err}");
-    assert!(arrived[1].len() <= 3 * 4096);
-    assert_prefixes(&states, &arrived);
+    for (err, states, arrived) in faulty(StreamFault::DuplicateFrame { device: 1, frame: 2 }).await {
+        assert!(
+            matches!(err, StreamError::UnexpectedSequence { device: 1, expected: 3, received: 2 }),
+            "{err}"
+        );
+        assert!(arrived[1].len() <= 3 * 4096);
+        assert_prefixes(&states, &arrived);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reordered_frames_are_a_sequence_error() {
-    let (err, states, arrived) = faulty(StreamFault::ReorderFrames { device: 0, frame: 4 }).await;
-    assert!(matches!(err, StreamError::UnexpectedSequence { device: 0, expected: 4, received: 5 }), "{err}");
-    assert!(arrived[0].len() <= 4 * 4096);
-    assert_prefixes(&states, &arrived);
+    for (err, states, arrived) in faulty(StreamFault::ReorderFrames { device: 0, frame: 4 }).await {
+        assert!(
+            matches!(err, StreamError::UnexpectedSequence { device: 0, expected: 4, received: 5 }),
+            "{err}"
+        );
+        assert!(arrived[0].len() <= 4 * 4096);
+        assert_prefixes(&states, &arrived);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

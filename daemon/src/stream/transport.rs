@@ -1,30 +1,33 @@
 //! The data connections: [`StreamSender`] on the source, [`StreamReceiver`] on the
 //! destination.
 //!
-//! Each connection is a blocking `std::net::TcpStream` served by its own thread; tokio
-//! only opens, accepts and waits. Blocking threads measured faster than tokio sockets on
-//! this 2-core path (no reactor wake-ups between a device thread and the socket), see
-//! `docs/stream-protocol.md`. The frame loops are generic over `Read`/`Write`, so a TLS
-//! stream (e.g. `rustls::StreamOwned` over the same `TcpStream`) can replace the plain
-//! socket after `connect`/`accept` without touching them; the preamble is sent inside it.
+//! Connections are blocking `std::net::TcpStream`s; tokio only opens, accepts and waits.
+//! Blocking threads measured faster than tokio sockets on this 2-core path (no reactor
+//! wake-ups between a device thread and the socket), see `docs/stream-protocol.md`. The
+//! frame loops are generic over `Read`/`Write`, so a TLS stream (e.g.
+//! `rustls::StreamOwned` over the same `TcpStream`) can replace the plain socket after
+//! `connect`/`accept` without touching them; the preamble is then sent inside it.
 //!
-//! Source: device `i` goes to connection `i % connections`. A connection thread takes
-//! frames from its queue in the order the devices' readers queued them, writes header
-//! and payload with one `writev`, and gives the buffer back to the device. It sends a
-//! keepalive whenever it has been idle for a quarter of the stall timeout.
+//! Source: device `i` goes to connection `i % connections`. Each device's reader thread
+//! writes its frames to its connection itself, header and payload in one `writev`, under
+//! the connection's lock, so frames of one device stay in order and the bytes move from
+//! the fd to the socket on one core, as in a plain relay. A keepalive thread writes a
+//! keepalive on any connection idle for a quarter of the stall timeout.
 //!
-//! Destination: a connection thread checks the preamble, then reads each header, reads
-//! the payload straight into one of the device's buffers, checks checksum and sequence
-//! (the frame is refused before anything reaches the device), and queues it for the
-//! device's writer thread.
+//! Destination: a thread per connection checks the preamble, then reads each header,
+//! reads the payload straight into one of the device's buffers, and checks checksum and
+//! sequence before anything reaches the device. A device alone on its connection is
+//! then written by that thread itself (it is the device's dedicated thread); devices
+//! sharing a connection each have a writer thread fed through a bounded queue, so a slow
+//! device holds up the others only once its buffers are all in flight.
 
 use std::collections::BTreeMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::sync::Notify;
@@ -36,7 +39,7 @@ use super::frame::{
     parse_ack_head,
 };
 use super::pump::{
-    BufferPool, DeviceReader, DeviceWriter, FrameQueue, Incoming, Outgoing, Popped, Progress, Switchover,
+    BufferPool, DeviceReader, DeviceWriter, FrameQueue, FrameSink, Incoming, Outgoing, Progress, Switchover,
 };
 use super::{PreambleError, StreamError, StreamFault, StreamOptions};
 use crate::device::{DataFd, Direction};
@@ -242,36 +245,55 @@ struct SenderShared {
     control: Control,
     opts: StreamOptions,
     devices: usize,
-    links: Vec<SenderLink>,
+    links: Vec<Link<TcpStream>>,
     pools: Vec<Arc<BufferPool>>,
     added: Mutex<Vec<bool>>,
-}
-
-struct SenderLink {
-    queue: Arc<FrameQueue<Outgoing>>,
-    devices: Vec<u32>,
+    progress: Arc<Progress>,
+    /// Wakes the keepalive thread when a connection closes or everything stops.
+    keepalive_wake: (Mutex<()>, Condvar),
 }
 
 impl SenderShared {
     fn fail(&self, err: StreamError) {
         self.control.record(err);
         self.control.shut_down();
-        for link in &self.links {
-            link.queue.abort();
-        }
         for pool in &self.pools {
             pool.abort();
         }
+        self.wake_keepalive();
     }
 
-    /// An injected fault ends its own connection only, so the receiver sees exactly
-    /// the corruption the test asked for and nothing that the abort would add.
-    fn fail_link(&self, connection: usize, err: StreamError) {
-        self.control.record(err);
-        let link = &self.links[connection];
-        link.queue.abort();
-        for &device in &link.devices {
-            self.pools[device as usize].abort();
+    fn wake_keepalive(&self) {
+        // Taking the lock orders this wake-up after the keepalive thread's last check.
+        let _order = lock(&self.keepalive_wake.0);
+        self.keepalive_wake.1.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.control.aborted.load(Ordering::Acquire)
+            || self.links.iter().all(|link| link.closed.load(Ordering::Acquire))
+    }
+
+    /// Sends a keepalive on every connection that has been idle for `idle`, until all
+    /// are closed: a device in PRE_COPY may have nothing to send for a long time.
+    fn keep_alive(&self) {
+        let idle = self.opts.stall_timeout / 4;
+        let mut guard = lock(&self.keepalive_wake.0);
+        loop {
+            guard = match self.keepalive_wake.1.wait_timeout_while(guard, idle / 2, |_| !self.stopped()) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+            if self.stopped() {
+                return;
+            }
+            for link in &self.links {
+                if let Err(err) = link.keepalive(idle) {
+                    drop(guard);
+                    self.fail(err);
+                    return;
+                }
+            }
         }
     }
 }
@@ -294,71 +316,55 @@ impl StreamSender {
             let sockets = (0..connections)
                 .map(|c| open_link(addr, &preamble, &setup_opts, c, connections, devices))
                 .collect::<Result<Vec<_>, _>>()?;
+            // One buffer in flight, one more for a ReorderFrames fault to hold back.
             let pools = (0..devices)
-                .map(|_| Arc::new(BufferPool::new(setup_opts.buffers_per_device, setup_opts.max_payload)))
+                .map(|_| Arc::new(BufferPool::new(SOURCE_BUFFERS, setup_opts.max_payload)))
                 .collect::<Vec<_>>();
             Ok((sockets, pools))
         })
         .await?;
 
-        let links = (0..connections)
-            .map(|c| SenderLink {
-                queue: Arc::new(FrameQueue::new()),
-                devices: devices_on(c, connections, 0..devices as u32),
-            })
-            .collect();
+        let control = Control::new();
+        let mut links = Vec::with_capacity(connections);
+        for (connection, socket) in sockets.into_iter().enumerate() {
+            let devices = devices_on(connection, connections, 0..devices as u32);
+            let io_error = |source| StreamError::Connection { connection, devices: devices.clone(), source };
+            control.register(&socket).map_err(io_error)?;
+            let shutdown = socket.try_clone().map_err(io_error)?;
+            links.push(Link {
+                state: Mutex::new(LinkState {
+                    conn: socket,
+                    shutdown,
+                    open_devices: devices.len(),
+                    sent: Vec::with_capacity(devices.len()),
+                    frames_sent: 0,
+                    held: None,
+                    last_write: Instant::now(),
+                }),
+                context: LinkContext { connection, devices, timeout: opts.stall_timeout },
+                closed: AtomicBool::new(false),
+                aborted: Arc::clone(&control.aborted),
+            });
+        }
         let shared = Arc::new(SenderShared {
-            control: Control::new(),
+            control,
             opts,
             devices,
             links,
             pools,
             added: Mutex::new(vec![false; devices]),
+            progress,
+            keepalive_wake: (Mutex::new(()), Condvar::new()),
         });
         let sender = StreamSender { shared: Arc::clone(&shared), finished: false };
-        for (connection, socket) in sockets.into_iter().enumerate() {
-            shared.control.register(&socket).map_err(|source| StreamError::Connection {
-                connection,
-                devices: shared.links[connection].devices.clone(),
-                source,
-            })?;
-            let link = &shared.links[connection];
-            let writer = LinkWriter {
-                context: LinkContext {
-                    connection,
-                    devices: link.devices.clone(),
-                    timeout: shared.opts.stall_timeout,
-                },
-                shutdown: socket.try_clone().map_err(|source| StreamError::Connection {
-                    connection,
-                    devices: link.devices.clone(),
-                    source,
-                })?,
-                conn: socket,
-                queue: Arc::clone(&link.queue),
-                progress: Arc::clone(&progress),
-                fault: shared.opts.fault,
-                keepalive_every: shared.opts.stall_timeout / 4,
-                aborted: Arc::clone(&shared.control.aborted),
-                frames_sent: 0,
-                held: None,
-            };
-            let thread_shared = Arc::clone(&shared);
-            spawn(format!("migd-tx-{connection}"), move || {
-                match writer.run() {
-                    Ok(sent) => return thread_shared.control.link_done(sent),
-                    // Whoever aborted has already recorded why.
-                    Err(StreamError::Aborted) => {}
-                    Err(err @ StreamError::FaultInjected { .. }) => thread_shared.fail_link(connection, err),
-                    Err(err) => thread_shared.fail(err),
-                }
-                thread_shared.control.link_done(Vec::new());
-            })?;
+        if connections > 0 {
+            spawn("migd-keepalive".to_owned(), move || shared.keep_alive())?;
         }
         Ok(sender)
     }
 
-    /// Starts the dedicated reader thread of device `index` (of `0..devices`). Until
+    /// Starts the dedicated reader thread of device `index` (of `0..devices`), which
+    /// writes the device's frames to connection `index % connections`. Until
     /// `switchover` fires, a 0-byte read or ENOMSG only means "nothing more for now".
     pub fn add_device(&self, index: u32, fd: Arc<DataFd>, switchover: Switchover) -> Result<(), StreamError> {
         let shared = &self.shared;
@@ -377,13 +383,15 @@ impl StreamSender {
                 return Err(StreamError::DuplicateDevice { device: index });
             }
         }
-        let connections = shared.links.len();
         let reader = DeviceReader {
             device: index,
             fd,
             switchover,
             pool: Arc::clone(&shared.pools[index as usize]),
-            queue: Arc::clone(&shared.links[index as usize % connections].queue),
+            sink: Arc::new(DeviceRoute {
+                shared: Arc::clone(shared),
+                link: index as usize % shared.links.len(),
+            }),
             max_payload: shared.opts.max_payload,
             precopy_poll: shared.opts.precopy_poll,
             aborted: Arc::clone(&shared.control.aborted),
@@ -422,9 +430,9 @@ impl StreamSender {
         result
     }
 
-    /// Stops everything promptly (cancel, rollback): queues and pools wake their
-    /// waiters, connections are shut down. Reader threads inside a device `read()`
-    /// finish when it returns. Idempotent.
+    /// Stops everything promptly (cancel, rollback): connections are shut down, so
+    /// readers blocked on a socket wake up. Readers inside a device `read()` finish when
+    /// it returns. Idempotent.
     pub fn abort(&self) {
         self.shared.fail(StreamError::Aborted);
     }
@@ -437,6 +445,9 @@ impl Drop for StreamSender {
         }
     }
 }
+
+/// Buffers per device on the source: one in flight, one for a ReorderFrames fault.
+const SOURCE_BUFFERS: usize = 2;
 
 /// Opens data connection `connection` and has its preamble accepted.
 fn open_link(
@@ -504,58 +515,75 @@ fn present_preamble<C: Read + Write>(
     Err(refused(String::from_utf8_lossy(&reason[..got]).into_owned()))
 }
 
-/// A source connection's thread: frames from the queue onto the wire.
-struct LinkWriter<C> {
+/// How a device's reader reaches its connection.
+struct DeviceRoute {
+    shared: Arc<SenderShared>,
+    link: usize,
+}
+
+impl FrameSink for DeviceRoute {
+    fn send(&self, frame: Outgoing) -> Result<(), StreamError> {
+        let shared = &self.shared;
+        match shared.links[self.link].send(frame, shared.opts.fault, &shared.progress) {
+            Ok(None) => Ok(()),
+            Ok(Some(sent)) => {
+                shared.control.link_done(sent);
+                shared.wake_keepalive();
+                Ok(())
+            }
+            // An injected fault ends its own connection only, so the receiver sees
+            // exactly the corruption the test asked for and nothing an abort would add.
+            Err(err @ StreamError::FaultInjected { .. }) => {
+                shared.control.record(err);
+                shared.control.link_done(Vec::new());
+                shared.wake_keepalive();
+                Err(StreamError::Aborted)
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// A source connection. The readers of the devices that travel on it write to it one
+/// frame at a time, under its lock.
+struct Link<C> {
     context: LinkContext,
+    state: Mutex<LinkState<C>>,
+    /// Every END is out (or a fault ended the connection); nothing more is written.
+    closed: AtomicBool,
+    aborted: Arc<AtomicBool>,
+}
+
+struct LinkState<C> {
     conn: C,
     /// The same socket, to close it for writing once every END is out.
     shutdown: TcpStream,
-    queue: Arc<FrameQueue<Outgoing>>,
-    progress: Arc<Progress>,
-    fault: Option<StreamFault>,
-    keepalive_every: Duration,
-    aborted: Arc<AtomicBool>,
+    open_devices: usize,
+    sent: Vec<DeviceStreamSummary>,
     frames_sent: u64,
     /// A frame held back by [`StreamFault::ReorderFrames`].
     held: Option<Outgoing>,
+    last_write: Instant,
 }
 
-impl<C: Write> LinkWriter<C> {
-    fn run(mut self) -> Result<Vec<DeviceStreamSummary>, StreamError> {
-        let keepalive = FrameHeader::keepalive().encode();
-        let mut sent = Vec::with_capacity(self.context.devices.len());
-        while sent.len() < self.context.devices.len() {
-            match self.queue.pop(Some(self.keepalive_every)) {
-                Popped::Item(frame) => sent.extend(self.send(frame)?),
-                Popped::Idle => self.write(&keepalive, &[])?,
-                Popped::Aborted => return Err(StreamError::Aborted),
-            }
+impl<C: Write> Link<C> {
+    /// Writes `frame` (corrupted as `fault` says, in tests). Returns every device's
+    /// summary once the last END of this connection is out and it is closed for writing.
+    fn send(
+        &self,
+        mut frame: Outgoing,
+        fault: Option<StreamFault>,
+        progress: &Progress,
+    ) -> Result<Option<Vec<DeviceStreamSummary>>, StreamError> {
+        let mut state = lock(&self.state);
+        if self.aborted.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire) {
+            return Err(StreamError::Aborted);
         }
-        self.conn.flush().map_err(|e| self.context.error(e, &self.aborted))?;
-        self.shutdown.shutdown(Shutdown::Write).map_err(|e| self.context.error(e, &self.aborted))?;
-        Ok(sent)
-    }
-
-    fn write(&mut self, header: &[u8], payload: &[u8]) -> Result<(), StreamError> {
-        write_frame(&mut self.conn, header, payload).map_err(|e| self.context.error(e, &self.aborted))
-    }
-
-    /// Writes a frame and gives its buffer back; returns the summary after an END.
-    fn put(&mut self, frame: Outgoing) -> Result<Option<DeviceStreamSummary>, StreamError> {
-        self.write(&frame.header.encode(), frame.payload())?;
-        self.frames_sent += 1;
-        if frame.header.kind == FrameKind::Data {
-            self.progress.add(frame.device(), frame.payload().len());
-        }
-        Ok(frame.release())
-    }
-
-    fn send(&mut self, mut frame: Outgoing) -> Result<Option<DeviceStreamSummary>, StreamError> {
         let (device, sequence) = (frame.device(), frame.header.sequence);
         let hits = |d: u32, f: u64| d == device && f == sequence;
-        match self.fault {
-            Some(fault @ StreamFault::DropConnection { frame: after }) if self.frames_sent == after => {
-                return Err(self.inject(fault));
+        match fault {
+            Some(fault @ StreamFault::DropConnection { frame: after }) if state.frames_sent == after => {
+                return Err(self.inject(&mut state, fault));
             }
             Some(StreamFault::FlipByte { device: d, frame: f }) if hits(d, f) => {
                 let payload = frame.payload_mut();
@@ -566,32 +594,71 @@ impl<C: Write> LinkWriter<C> {
             }
             Some(fault @ StreamFault::Truncate { device: d, frame: f }) if hits(d, f) => {
                 let payload = frame.payload();
-                let half = &payload[..payload.len() / 2];
-                self.write(&frame.header.encode(), half)?;
-                return Err(self.inject(fault));
+                self.write(&mut state, &frame.header.encode(), &payload[..payload.len() / 2])?;
+                return Err(self.inject(&mut state, fault));
             }
             Some(StreamFault::DuplicateFrame { device: d, frame: f }) if hits(d, f) => {
-                self.write(&frame.header.encode(), frame.payload())?;
+                self.write(&mut state, &frame.header.encode(), frame.payload())?;
             }
             // An END has no next frame to trade places with; it goes out as is.
             Some(StreamFault::ReorderFrames { device: d, frame: f })
                 if hits(d, f) && frame.header.kind == FrameKind::Data =>
             {
-                self.held = Some(frame);
+                state.held = Some(frame);
                 return Ok(None);
             }
             _ => {}
         }
-        let mut ended = self.put(frame)?;
-        if let Some(held) = self.held.take_if(|held| held.device() == device) {
-            ended = ended.or(self.put(held)?);
+        self.put(&mut state, frame, progress)?;
+        if let Some(held) = state.held.take_if(|held| held.device() == device) {
+            self.put(&mut state, held, progress)?;
         }
-        Ok(ended)
+        if state.open_devices > 0 {
+            return Ok(None);
+        }
+        state.conn.flush().map_err(|e| self.context.error(e, &self.aborted))?;
+        state.shutdown.shutdown(Shutdown::Write).map_err(|e| self.context.error(e, &self.aborted))?;
+        self.closed.store(true, Ordering::Release);
+        Ok(Some(std::mem::take(&mut state.sent)))
     }
 
-    fn inject(&mut self, fault: StreamFault) -> StreamError {
-        let _ = self.conn.flush();
-        let _ = self.shutdown.shutdown(Shutdown::Write);
+    /// Writes a frame and gives its buffer back, counting ENDs.
+    fn put(&self, state: &mut LinkState<C>, frame: Outgoing, progress: &Progress) -> Result<(), StreamError> {
+        self.write(state, &frame.header.encode(), frame.payload())?;
+        state.frames_sent += 1;
+        if frame.header.kind == FrameKind::Data {
+            progress.add(frame.device(), frame.payload().len());
+        }
+        if let Some(summary) = frame.release() {
+            state.sent.push(summary);
+            state.open_devices -= 1;
+        }
+        Ok(())
+    }
+
+    fn write(&self, state: &mut LinkState<C>, header: &[u8], payload: &[u8]) -> Result<(), StreamError> {
+        write_frame(&mut state.conn, header, payload).map_err(|e| self.context.error(e, &self.aborted))?;
+        state.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// Sends a keepalive if nothing was written for `idle` and no reader is writing.
+    fn keepalive(&self, idle: Duration) -> Result<(), StreamError> {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(()),
+        };
+        if self.closed.load(Ordering::Acquire) || state.last_write.elapsed() < idle {
+            return Ok(());
+        }
+        self.write(&mut state, &FrameHeader::keepalive().encode(), &[])
+    }
+
+    fn inject(&self, state: &mut LinkState<C>, fault: StreamFault) -> StreamError {
+        let _ = state.conn.flush();
+        let _ = state.shutdown.shutdown(Shutdown::Write);
+        self.closed.store(true, Ordering::Release);
         StreamError::FaultInjected { connection: self.context.connection, fault }
     }
 }
@@ -637,26 +704,36 @@ impl StreamReceiver {
                         DeviceSlot {
                             pool: Arc::new(BufferPool::empty()),
                             queue: Arc::new(FrameQueue::new()),
+                            direct: Mutex::new(None),
                         },
                     )
                 })
                 .collect(),
             claimed: Mutex::new(vec![false; connections]),
             opts,
+            progress,
         });
         let handle = ReceiveHandle { shared: Arc::clone(&shared), finished: false };
         if let Err(err) = shared.check(&devices) {
             shared.fail(err);
             return handle;
         }
+        let mut per_connection = vec![0usize; connections];
+        for (index, _) in &devices {
+            per_connection[*index as usize % connections] += 1;
+        }
         for (index, fd) in devices {
             let slot = &shared.slots[&index];
+            if per_connection[index as usize % connections] == 1 {
+                *lock(&slot.direct) = Some(fd);
+                continue;
+            }
             let writer = DeviceWriter {
                 device: index,
                 fd,
                 pool: Arc::clone(&slot.pool),
                 queue: Arc::clone(&slot.queue),
-                progress: Arc::clone(&progress),
+                progress: Arc::clone(&shared.progress),
             };
             let thread_shared = Arc::clone(&shared);
             let (buffers, size) = (shared.opts.buffers_per_device, shared.opts.max_payload);
@@ -694,11 +771,14 @@ struct ReceiverShared {
     slots: BTreeMap<u32, DeviceSlot>,
     /// Which connection indices have presented a preamble.
     claimed: Mutex<Vec<bool>>,
+    progress: Arc<Progress>,
 }
 
 struct DeviceSlot {
     pool: Arc<BufferPool>,
     queue: Arc<FrameQueue<Incoming>>,
+    /// The fd of a device alone on its connection, for that connection's thread.
+    direct: Mutex<Option<DataFd>>,
 }
 
 impl ReceiverShared {
@@ -723,6 +803,7 @@ impl ReceiverShared {
         for slot in self.slots.values() {
             slot.pool.abort();
             slot.queue.abort();
+            drop(lock(&slot.direct).take());
         }
     }
 
@@ -815,9 +896,17 @@ fn serve_link<C: Read + Write>(mut conn: C, shared: &ReceiverShared) -> Result<(
     let connection = accept_preamble(&mut conn, shared)?;
     let decoder =
         ConnectionDecoder::new(connection, shared.connections, &shared.indices, shared.opts.max_payload);
-    let context =
-        LinkContext { connection, devices: decoder.carried_devices(), timeout: shared.opts.stall_timeout };
-    LinkReader { context, decoder, conn, shared }.run()
+    let carried = decoder.carried_devices();
+    let direct = match carried[..] {
+        [device] => lock(&shared.slots[&device].direct).take().map(|fd| DirectDevice {
+            device,
+            fd,
+            buf: vec![0x5a; shared.opts.max_payload],
+        }),
+        _ => None,
+    };
+    let context = LinkContext { connection, devices: carried, timeout: shared.opts.stall_timeout };
+    LinkReader { context, decoder, conn, shared, direct }.run()
 }
 
 /// Reads and checks the preamble, claims its connection index and answers; a refusal
@@ -850,12 +939,12 @@ fn accept_preamble<C: Read + Write>(conn: &mut C, shared: &ReceiverShared) -> Re
     Ok(usize::from(head.connection))
 }
 
-/// Where a frame's payload is read to.
-enum Landing {
-    /// One of the device's buffers: the payload goes to the device if it checks out.
-    Device(Vec<u8>),
-    /// A frame that is not device data: END, keepalive, or one that will be refused.
-    Aside(Vec<u8>),
+/// A device that travels alone on its connection: the connection's receiver thread is
+/// then dedicated to it and writes its payloads itself, with no hand-off to a writer.
+struct DirectDevice {
+    device: u32,
+    fd: DataFd,
+    buf: Vec<u8>,
 }
 
 struct LinkReader<'a, C> {
@@ -863,11 +952,14 @@ struct LinkReader<'a, C> {
     decoder: ConnectionDecoder,
     conn: C,
     shared: &'a ReceiverShared,
+    direct: Option<DirectDevice>,
 }
 
 impl<C: Read> LinkReader<'_, C> {
     fn run(mut self) -> Result<(), StreamError> {
         let mut raw = [0u8; FRAME_HEADER_LEN];
+        // END records, keepalives, and frames about to be refused.
+        let mut aside = Vec::with_capacity(END_RECORD_LEN);
         loop {
             let got = read_full(&mut self.conn, &mut raw).map_err(|e| self.io_error(e))?;
             if got == 0 {
@@ -877,55 +969,90 @@ impl<C: Read> LinkReader<'_, C> {
                 return Err(self.decoder.truncated_in_frame(None, got));
             }
             let header = self.decoder.header(&raw)?;
-            let len = header.payload_len();
-            let slot = self.shared.slots.get(&header.device);
-            let mut landing = match slot {
-                Some(slot) if self.decoder.is_deliverable(&header) => {
-                    Landing::Device(slot.pool.take().ok_or(StreamError::Aborted)?)
-                }
-                // END records and keepalives are small; anything larger is refused below.
-                _ => Landing::Aside(Vec::with_capacity(len.min(END_RECORD_LEN))),
-            };
-            let payload = match &mut landing {
-                Landing::Device(buf) => &mut buf[..len],
-                Landing::Aside(buf) => {
-                    buf.resize(len, 0);
-                    &mut buf[..]
-                }
-            };
-            let got = read_full(&mut self.conn, payload).map_err(|e| self.io_error(e))?;
-            if got < len {
-                return Err(self.decoder.truncated_in_frame(Some(&header), got));
+            if self.decoder.is_deliverable(&header) {
+                self.data(&header)?;
+                continue;
             }
-            let accepted = match &landing {
-                Landing::Device(buf) | Landing::Aside(buf) => self.decoder.accept(&header, &buf[..len])?,
-            };
-            let delivered = match (accepted, landing, slot) {
-                (Accepted::Data { .. }, Landing::Device(buf), Some(slot)) => {
-                    slot.queue.push(Incoming::Data { buf, len })
-                }
-                // Only reachable if `is_deliverable` and `accept` disagreed: still correct.
-                (Accepted::Data { .. }, Landing::Aside(aside), Some(slot)) => {
-                    let mut buf = slot.pool.take().ok_or(StreamError::Aborted)?;
-                    buf[..len].copy_from_slice(&aside);
-                    slot.queue.push(Incoming::Data { buf, len })
-                }
-                (Accepted::End(summary), _, Some(slot)) => slot.queue.push(Incoming::End(summary)),
-                (Accepted::Keepalive, ..) => true,
-                (_, _, None) => {
-                    return Err(StreamError::UnknownDevice {
-                        device: header.device,
-                        sequence: header.sequence,
-                    });
-                }
-            };
-            if !delivered {
-                return Err(StreamError::Aborted);
+            aside.resize(header.payload_len(), 0);
+            self.read_payload(&header, &mut aside)?;
+            match self.decoder.accept(&header, &aside)? {
+                Accepted::End(summary) => self.end(summary)?,
+                Accepted::Keepalive => {}
+                Accepted::Data { device } => self.deliver_copy(device, &aside)?,
             }
         }
     }
 
+    fn read_payload(&mut self, header: &FrameHeader, payload: &mut [u8]) -> Result<(), StreamError> {
+        let got = read_full(&mut self.conn, payload).map_err(|e| self.io_error(e))?;
+        if got < payload.len() {
+            return Err(self.decoder.truncated_in_frame(Some(header), got));
+        }
+        Ok(())
+    }
+
+    /// A data frame of a device this connection carries: read into the device's buffer,
+    /// checked, then written (direct) or queued for the device's writer.
+    fn data(&mut self, header: &FrameHeader) -> Result<(), StreamError> {
+        let len = header.payload_len();
+        if let Some(mut direct) = self.direct.take_if(|direct| direct.device == header.device) {
+            let result = self.read_payload(header, &mut direct.buf[..len]).and_then(|()| {
+                self.decoder.accept(header, &direct.buf[..len])?;
+                direct.write(len, &self.shared.progress)
+            });
+            self.direct = Some(direct);
+            return result;
+        }
+        let slot = self.slot(header.device)?;
+        let mut buf = slot.pool.take().ok_or(StreamError::Aborted)?;
+        self.read_payload(header, &mut buf[..len])?;
+        self.decoder.accept(header, &buf[..len])?;
+        self.queue(header.device, Incoming::Data { buf, len })
+    }
+
+    /// Only reachable if `is_deliverable` and `accept` ever disagreed: still delivers.
+    fn deliver_copy(&mut self, device: u32, payload: &[u8]) -> Result<(), StreamError> {
+        if let Some(direct) = self.direct.as_mut().filter(|direct| direct.device == device) {
+            direct.buf[..payload.len()].copy_from_slice(payload);
+            return direct.write(payload.len(), &self.shared.progress);
+        }
+        let mut buf = self.slot(device)?.pool.take().ok_or(StreamError::Aborted)?;
+        buf[..payload.len()].copy_from_slice(payload);
+        self.queue(device, Incoming::Data { buf, len: payload.len() })
+    }
+
+    /// The device's END matched: done once every byte before it is in the device.
+    fn end(&mut self, summary: DeviceStreamSummary) -> Result<(), StreamError> {
+        if self.direct.as_ref().is_some_and(|direct| direct.device == summary.index) {
+            // Every payload was written synchronously; closing the fd ends the session.
+            self.direct = None;
+            self.shared.control.device_done(summary);
+            return Ok(());
+        }
+        self.queue(summary.index, Incoming::End(summary))
+    }
+
+    fn slot(&self, device: u32) -> Result<&DeviceSlot, StreamError> {
+        self.shared.slots.get(&device).ok_or(StreamError::Aborted)
+    }
+
+    fn queue(&self, device: u32, item: Incoming) -> Result<(), StreamError> {
+        if self.slot(device)?.queue.push(item) { Ok(()) } else { Err(StreamError::Aborted) }
+    }
+
     fn io_error(&self, err: io::Error) -> StreamError {
         self.context.error(err, &self.shared.control.aborted)
+    }
+}
+
+impl DirectDevice {
+    fn write(&self, len: usize, progress: &Progress) -> Result<(), StreamError> {
+        self.fd.write_all_bytes(&self.buf[..len]).map_err(|errno| StreamError::DataFd {
+            device: self.device,
+            op: crate::device::Op::DataWrite,
+            errno,
+        })?;
+        progress.add(self.device, len);
+        Ok(())
     }
 }
