@@ -94,6 +94,7 @@ async fn devices_are_listed_shown_and_released() {
     assert!(nic.data_size >= 4096, "the stream carries the state and its framing");
     let identity = nic.identity.as_ref().unwrap();
     assert_eq!((identity.driver.as_str(), identity.model.as_str()), ("sim", "sim-test"));
+    assert!(nic.content_digest.contains("crc32c="), "a simulated device digests its state: {nic:?}");
     assert_eq!(list[0].caps, "STOP_COPY|P2P|PRE_COPY");
 
     let shown = control.get_device(pb::GetDeviceRequest { name: "nic0".into() }).await.unwrap().into_inner();
