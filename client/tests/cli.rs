@@ -16,6 +16,7 @@ use vfio_migd::registry::Registry;
 struct Served {
     _dir: tempfile::TempDir,
     daemon: Arc<Daemon>,
+    peer: std::net::SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), vfio_migd::api::ApiError>>,
 }
@@ -31,10 +32,11 @@ impl Served {
         let daemon =
             Daemon::new(Config::from_toml(&text, false).unwrap(), Arc::new(Registry::default())).unwrap();
         let server = ApiServer::bind(daemon.clone()).await.unwrap();
+        let peer = server.peer_addr().unwrap();
         server.readiness().set_serving().await;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
-        Served { _dir: dir, daemon, shutdown, task }
+        Served { _dir: dir, daemon, peer, shutdown, task }
     }
 
     fn socket(&self) -> PathBuf {
@@ -311,4 +313,86 @@ async fn devices_groups_plans_and_handoff_through_the_cli() {
     let released = run(&["--json", "devices", "release", "nic0"]).await;
     assert_eq!(json(&released)["released"], "nic0");
     served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
+    let source = Served::start().await;
+    let destination = Served::start().await;
+    let register = |served: &Served, name: &'static str, caps: &'static str, model: &'static str| {
+        let socket = served.socket();
+        async move {
+            let args =
+                ["devices", "register", name, "--sim", caps, "--state-size", "256KiB", "--model", model];
+            let out = migctl(&socket, &args).await;
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        }
+    };
+    for served in [&source, &destination] {
+        register(served, "nic0", "STOP_COPY|P2P|PRE_COPY", "sim-nic").await;
+        register(served, "gpu0", "STOP_COPY|P2P", "sim-gpu").await;
+    }
+    register(&destination, "gpu1", "STOP_COPY|P2P", "other-gpu").await;
+    let src = source.socket();
+    let dst = destination.socket();
+    assert_eq!(migctl(&src, &["groups", "define", "vm1", "nic0", "gpu0"]).await.status.code(), Some(0));
+    let peer = destination.peer.to_string();
+
+    let prepared = migctl(&dst, &["--json", "incoming", "--job-id", "j1", "nic0", "gpu0"]).await;
+    assert_eq!(json(&prepared)["role"], "destination");
+    let moved = migctl(
+        &src,
+        &[
+            "--json",
+            "migrate",
+            "--job-id",
+            "j1",
+            "--group",
+            "vm1",
+            "--peer",
+            &peer,
+            "--map",
+            "nic0=nic0",
+            "--map",
+            "gpu0=gpu0",
+        ],
+    )
+    .await;
+    assert_eq!(moved.status.code(), Some(0), "{}{}", stdout(&moved), stderr(&moved));
+    let job = json(&moved);
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["bytes_done"], job["bytes_total"]);
+    assert!(job["downtime_ns"].as_u64().unwrap() > 0);
+    let digest = |socket: PathBuf, name: &'static str| async move {
+        json(&migctl(&socket, &["--json", "devices", "show", name]).await)["content_digest"].clone()
+    };
+    assert_eq!(
+        digest(src.clone(), "nic0").await,
+        digest(dst.clone(), "nic0").await,
+        "the state arrived intact"
+    );
+
+    // A destination device of another model: the handshake refuses, the source rolls back.
+    assert_eq!(migctl(&dst, &["incoming", "--job-id", "j2", "nic0", "gpu1"]).await.status.code(), Some(0));
+    let refused = migctl(
+        &src,
+        &[
+            "migrate",
+            "--job-id",
+            "j2",
+            "--group",
+            "vm1",
+            "--peer",
+            &peer,
+            "--map",
+            "nic0=nic0",
+            "--map",
+            "gpu0=gpu1",
+        ],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(3), "{}{}", stdout(&refused), stderr(&refused));
+    assert!(stdout(&refused).contains("rolled-back"), "{}", stdout(&refused));
+    source.stop().await;
+    destination.stop().await;
 }

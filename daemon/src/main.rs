@@ -7,17 +7,23 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use vfio_migd::api::ApiServer;
+use vfio_migd::api::{ApiServer, drain_jobs};
 use vfio_migd::config::{Config, DEFAULT_CONFIG_PATH, DeviceConfig};
 use vfio_migd::device::open::open_all_configured;
 use vfio_migd::engine::Daemon;
 use vfio_migd::registry::Registry;
+
+/// How long a stop waits for running jobs to end on their own, then for the cancelled
+/// ones to roll back; together below the unit's TimeoutStopSec (330 s).
+const JOBS_FINISH: Duration = Duration::from_secs(240);
+const JOBS_ROLL_BACK: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,8 +77,8 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // The subscriber writes to stderr: this is the one line the operator sees.
             tracing::error!("{e:#}");
-            eprintln!("vfio-migd: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -130,8 +136,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
             };
         }
     }
-    readiness.set_not_serving().await;
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    readiness.drain().await;
+    let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping: running jobs end")]);
+    // The listeners keep serving while jobs end: a destination needs its peer API until
+    // the commit. A second signal stops at once.
+    tokio::select! {
+        left = drain_jobs(&daemon, JOBS_FINISH, JOBS_ROLL_BACK) => {
+            if left > 0 {
+                tracing::warn!(jobs = left, "stopping with jobs still running");
+            }
+        }
+        _ = sigterm.recv() => tracing::warn!("second SIGTERM: stopping without waiting for jobs"),
+        _ = sigint.recv() => tracing::warn!("second SIGINT: stopping without waiting for jobs"),
+    }
     stop(shutdown, serving, Ok(())).await
 }
 

@@ -94,6 +94,7 @@ async fn devices_are_listed_shown_and_released() {
     assert!(nic.data_size >= 4096, "the stream carries the state and its framing");
     let identity = nic.identity.as_ref().unwrap();
     assert_eq!((identity.driver.as_str(), identity.model.as_str()), ("sim", "sim-test"));
+    assert!(nic.content_digest.contains("crc32c="), "a simulated device digests its state: {nic:?}");
     assert_eq!(list[0].caps, "STOP_COPY|P2P|PRE_COPY");
 
     let shown = control.get_device(pb::GetDeviceRequest { name: "nic0".into() }).await.unwrap().into_inner();
@@ -472,5 +473,63 @@ async fn simulated_devices_register_through_the_api() {
     control.release_device(pb::ReleaseDeviceRequest { name: "nic0".into() }).await.unwrap();
     let listed = control.list_devices(pb::ListDevicesRequest {}).await.unwrap().into_inner().devices;
     assert_eq!(listed.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["gpu0"]);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_draining_daemon_refuses_new_jobs_but_answers_queries() {
+    let daemon = TestDaemon::start().await;
+    daemon.add_device("nic0", P2P);
+    let mut control = daemon.control().await;
+    daemon.readiness.drain().await;
+    assert_eq!(health_of(&daemon, "").await, ServingStatus::NotServing);
+    let err = control
+        .prepare_incoming(pb::PrepareIncomingRequest { job_id: "j1".into(), devices: vec!["nic0".into()] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("shutting down") && err.message().contains("j1"), "{}", err.message());
+    let devices = control.list_devices(pb::ListDevicesRequest {}).await.unwrap().into_inner().devices;
+    assert_eq!(devices.len(), 1);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stopping_waits_for_jobs_then_cancels_those_before_commit() {
+    use std::time::Duration;
+    use vfio_migd::api::drain_jobs;
+    let daemon = TestDaemon::start().await;
+    let engine = daemon.daemon.clone();
+    assert_eq!(drain_jobs(&engine, Duration::from_secs(30), Duration::from_secs(30)).await, 0);
+
+    // A job that ends on its own is waited for.
+    let finishing = insert_job(&daemon, "finishing");
+    finishing.enter_phase(Phase::Drain);
+    let ender = tokio::spawn(async move { finishing.finish(JobStatus::Succeeded, None) });
+    assert_eq!(drain_jobs(&engine, Duration::from_secs(30), Duration::from_secs(30)).await, 0);
+    ender.await.unwrap();
+
+    // A job that would not end is cancelled, and its engine rolls it back.
+    let stuck = insert_job(&daemon, "stuck");
+    stuck.enter_phase(Phase::PreCopy);
+    let engine_task = {
+        let job = stuck.clone();
+        tokio::spawn(async move {
+            job.cancel.cancelled().await;
+            job.enter_phase(Phase::Rollback);
+            job.finish(JobStatus::Cancelled, Some("cancelled: the daemon is stopping".into()));
+        })
+    };
+    let in_doubt = insert_job(&daemon, "in-doubt");
+    in_doubt.finish(JobStatus::InDoubt, Some("link lost after loaded".into()));
+    assert_eq!(drain_jobs(&engine, Duration::from_millis(10), Duration::from_secs(30)).await, 0);
+    engine_task.await.unwrap();
+    assert_eq!(stuck.snapshot().status, JobStatus::Cancelled);
+
+    // Past its commit point a job cannot be cancelled: the stop reports it.
+    let committing = insert_job(&daemon, "committing");
+    committing.enter_phase(Phase::Commit);
+    assert_eq!(drain_jobs(&engine, Duration::from_millis(10), Duration::from_millis(10)).await, 1);
+    assert!(!committing.cancel.is_cancelled());
     daemon.stop().await.unwrap();
 }

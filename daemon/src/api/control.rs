@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::register_device_request::Source;
 
+use super::Readiness;
 use super::convert::{
     decision_from_proto, device_error, device_to_proto, group_to_proto, job_to_proto, plan_to_proto,
     registry_status, sim_spec_from_proto,
@@ -34,11 +35,21 @@ pub struct ControlService {
     daemon: Arc<Daemon>,
     /// Ends streaming calls when the daemon shuts down (they would hold the server open).
     shutdown: CancellationToken,
+    readiness: Readiness,
 }
 
 impl ControlService {
-    pub fn new(daemon: Arc<Daemon>, shutdown: CancellationToken) -> ControlService {
-        ControlService { daemon, shutdown }
+    pub fn new(daemon: Arc<Daemon>, shutdown: CancellationToken, readiness: Readiness) -> ControlService {
+        ControlService { daemon, shutdown, readiness }
+    }
+
+    fn accepting_jobs(&self, job_id: &str) -> Result<(), Status> {
+        if self.readiness.is_draining() {
+            return Err(Status::unavailable(format!(
+                "vfio-migd is shutting down: job `{job_id}` refused (running jobs are finishing)"
+            )));
+        }
+        Ok(())
     }
 
     async fn describe(&self, name: &str, entry: Arc<RegisteredDevice>) -> Result<pb::Device, Status> {
@@ -204,6 +215,7 @@ impl pb::control_server::Control for ControlService {
         if req.devices.is_empty() {
             return Err(Status::invalid_argument("`devices` must name at least one device"));
         }
+        self.accepting_jobs(&req.job_id)?;
         let job = self.daemon.prepare_incoming(&req.job_id, req.devices).await?;
         Ok(job_response(&job))
     }
@@ -221,6 +233,7 @@ impl pb::control_server::Control for ControlService {
                 "`mapping` must map every device of the group to a destination device",
             ));
         }
+        self.accepting_jobs(&req.job_id)?;
         let job = self
             .daemon
             .start_migration(MigrationRequest {

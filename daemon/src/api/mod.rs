@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -32,6 +34,7 @@ pub use control::ControlService;
 pub use peer::PeerService;
 
 use crate::engine::Daemon;
+use crate::job::{Job, JobStatus};
 
 /// HTTP/2 flow-control windows: device states are hundreds of MiB; the 64 KiB defaults
 /// would stall every stream on round trips.
@@ -107,10 +110,12 @@ impl Drop for SocketFile {
     }
 }
 
-/// Flips the health status of every service this daemon serves.
+/// Flips the health status of every service this daemon serves, and tells the control
+/// service whether new jobs are accepted.
 #[derive(Clone, Debug)]
 pub struct Readiness {
     health: HealthReporter,
+    draining: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -122,12 +127,24 @@ impl Readiness {
 
     /// Ready: configured devices are open and migrations are accepted.
     pub async fn set_serving(&self) {
+        self.draining.store(false, Ordering::Release);
         self.set(ServingStatus::Serving).await;
     }
 
-    /// Starting up or draining.
+    /// Starting up.
     pub async fn set_not_serving(&self) {
         self.set(ServingStatus::NotServing).await;
+    }
+
+    /// Stopping: NOT_SERVING, and `StartMigration`/`PrepareIncoming` are refused with
+    /// UNAVAILABLE while running jobs finish; queries, cancellation and resolution still work.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -157,7 +174,7 @@ impl ApiServer {
         let handoff_file = SocketFile(config.handoff.socket.clone());
         let addr = config.peer.listen;
         let peer = TcpListener::bind(addr).await.map_err(|source| ApiError::BindTcp { addr, source })?;
-        let readiness = Readiness { health: HealthReporter::new() };
+        let readiness = Readiness { health: HealthReporter::new(), draining: Arc::default() };
         readiness.set_not_serving().await;
         Ok(ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer })
     }
@@ -196,7 +213,11 @@ impl ApiServer {
             .add_service(health())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(ControlServer::new(ControlService::new(daemon.clone(), shutdown.clone())))
+            .add_service(ControlServer::new(ControlService::new(
+                daemon.clone(),
+                shutdown.clone(),
+                readiness.clone(),
+            )))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(control),
                 shutdown.clone().cancelled_owned(),
@@ -223,6 +244,50 @@ fn tuned_server() -> Server {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .tcp_nodelay(true)
+}
+
+/// Lets running jobs end before the daemon stops: waits up to `finish` for them, then
+/// cancels those still before their commit point (they roll back, the source's devices
+/// run again) and waits up to `roll_back` more. Jobs in doubt do not hold the stop: their
+/// journal resolves them after a restart. Returns how many jobs were still running at
+/// the end.
+pub async fn drain_jobs(daemon: &Daemon, finish: Duration, roll_back: Duration) -> usize {
+    let running = || -> Vec<Arc<Job>> {
+        daemon.jobs.list().into_iter().filter(|j| j.snapshot().status == JobStatus::Running).collect()
+    };
+    let jobs = running();
+    if jobs.is_empty() {
+        return 0;
+    }
+    tracing::info!(jobs = jobs.len(), "waiting for running jobs to end");
+    if tokio::time::timeout(finish, all_ended(&jobs)).await.is_ok() {
+        return 0;
+    }
+    let jobs = running();
+    for job in &jobs {
+        let id = job.id();
+        match daemon.cancel(&id) {
+            Ok(_) => tracing::warn!(job = %id, "stopping: cancelled before its commit point"),
+            Err(e) => tracing::warn!(job = %id, error = %e, "stopping: cannot cancel"),
+        }
+    }
+    let _ = tokio::time::timeout(roll_back, all_ended(&jobs)).await;
+    let left = running().len();
+    if left > 0 {
+        tracing::error!(jobs = left, "stopping with jobs still running");
+    }
+    left
+}
+
+async fn all_ended(jobs: &[Arc<Job>]) {
+    for job in jobs {
+        let mut changes = job.subscribe();
+        while job.snapshot().status == JobStatus::Running {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    }
 }
 
 /// Binds every listener (health NOT_SERVING), opens the configured devices, reports
