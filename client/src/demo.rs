@@ -125,10 +125,9 @@ async fn connect(daemon: &mut DaemonProcess) -> anyhow::Result<ControlClient<Cha
             if let Ok(channel) = endpoint.connect().await {
                 let mut client = ControlClient::new(channel);
                 // The control socket opens before the configured devices are; wait for them.
-                if let Ok(list) = client.list_devices(pb::ListDevicesRequest {}).await {
-                    if list.into_inner().devices.len() >= DEVICES.len() {
-                        return Ok(client);
-                    }
+                let listed = client.list_devices(pb::ListDevicesRequest {}).await;
+                if listed.is_ok_and(|list| list.into_inner().devices.len() >= DEVICES.len()) {
+                    return Ok(client);
                 }
             }
         }
@@ -177,7 +176,8 @@ async fn run_in(dir: &Path, opts: &DemoOptions) -> anyhow::Result<u8> {
     let job_id = format!("demo-{}", std::process::id());
     let names: Vec<String> = DEVICES.iter().map(|d| d.0.to_string()).collect();
     let dst_names: Vec<String> = names.iter().map(|n| format!("dst-{n}")).collect();
-    dst.prepare_incoming(pb::PrepareIncomingRequest { job_id: job_id.clone(), devices: dst_names.clone() }).await?;
+    dst.prepare_incoming(pb::PrepareIncomingRequest { job_id: job_id.clone(), devices: dst_names.clone() })
+        .await?;
     src.define_group(pb::DefineGroupRequest {
         name: "vm-demo".into(),
         devices: names.clone(),
@@ -206,11 +206,7 @@ async fn run_in(dir: &Path, opts: &DemoOptions) -> anyhow::Result<u8> {
     if job.status() != pb::JobStatus::Succeeded {
         bail!("migration {job_id} ended {:?}: {}", job.status(), job.error);
     }
-    say(format!(
-        "migrated {} in {:.0} ms of downtime",
-        mib(job.bytes_total),
-        job.downtime_ns as f64 / 1e6
-    ));
+    say(format!("migrated {} in {:.0} ms of downtime", mib(job.bytes_total), job.downtime_ns as f64 / 1e6));
 
     let mut verified = Vec::new();
     let mut failed = 0;

@@ -345,7 +345,9 @@ fn main() -> ExitCode {
         Command::Demo { keep } => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => {
                 let opts = demo::DemoOptions { keep, display: display_for(cli.json), json: cli.json };
-                runtime.block_on(demo::run(opts)).map_err(|e| Failure::new(EXIT_FAILURE, format!("demo: {e:#}")))
+                runtime
+                    .block_on(demo::run(opts))
+                    .map_err(|e| Failure::new(EXIT_FAILURE, format!("demo: {e:#}")))
             }
             Err(e) => Err(Failure::new(EXIT_FAILURE, format!("cannot start the async runtime: {e}"))),
         },

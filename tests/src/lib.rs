@@ -120,7 +120,12 @@ impl DaemonProcess {
             if listed.is_ok_and(|l| l.into_inner().devices.len() >= count) {
                 return;
             }
-            assert!(Instant::now() < deadline, "daemon {} never registered {count} devices; log:\n{}", self.name, self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon {} never registered {count} devices; log:\n{}",
+                self.name,
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

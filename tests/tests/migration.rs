@@ -40,10 +40,18 @@ impl Pair {
         let mut src_toml = String::new();
         let mut dst_toml = String::new();
         for (i, d) in devs.iter().enumerate() {
-            src_toml += &sim_device(d.name, d.model, d.caps, d.size, 10 + i as u64, &arc_log(dir.path(), d.name));
+            src_toml +=
+                &sim_device(d.name, d.model, d.caps, d.size, 10 + i as u64, &arc_log(dir.path(), d.name));
             src_toml += d.src_faults;
             let dst_name = format!("dst-{}", d.name);
-            dst_toml += &sim_device(&dst_name, d.model, d.caps, d.size, 500 + i as u64, &arc_log(dir.path(), &dst_name));
+            dst_toml += &sim_device(
+                &dst_name,
+                d.model,
+                d.caps,
+                d.size,
+                500 + i as u64,
+                &arc_log(dir.path(), &dst_name),
+            );
             dst_toml += d.dst_faults;
         }
         let src = DaemonProcess::spawn(dir.path(), "src", &src_toml, src_extra, true);
@@ -69,8 +77,15 @@ impl Pair {
         let mut s = Vec::new();
         let mut d = Vec::new();
         for dev in &self.devs {
-            s.push(src.get_device(pb::GetDeviceRequest { name: dev.name.into() }).await.unwrap().into_inner());
-            d.push(dst.get_device(pb::GetDeviceRequest { name: format!("dst-{}", dev.name) }).await.unwrap().into_inner());
+            s.push(
+                src.get_device(pb::GetDeviceRequest { name: dev.name.into() }).await.unwrap().into_inner(),
+            );
+            d.push(
+                dst.get_device(pb::GetDeviceRequest { name: format!("dst-{}", dev.name) })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
         }
         (s, d)
     }
@@ -82,12 +97,19 @@ impl Pair {
         let mut dst = self.dst.control().await;
         let names: Vec<String> = self.devs.iter().map(|d| d.name.to_string()).collect();
         let dst_names: Vec<String> = names.iter().map(|n| format!("dst-{n}")).collect();
-        dst.prepare_incoming(pb::PrepareIncomingRequest { job_id: job_id.into(), devices: dst_names.clone() })
-            .await
-            .unwrap();
-        src.define_group(pb::DefineGroupRequest { name: "vm".into(), devices: names.clone(), allow_multiple_non_p2p: false })
-            .await
-            .unwrap();
+        dst.prepare_incoming(pb::PrepareIncomingRequest {
+            job_id: job_id.into(),
+            devices: dst_names.clone(),
+        })
+        .await
+        .unwrap();
+        src.define_group(pb::DefineGroupRequest {
+            name: "vm".into(),
+            devices: names.clone(),
+            allow_multiple_non_p2p: false,
+        })
+        .await
+        .unwrap();
         let request = pb::StartMigrationRequest {
             job_id: job_id.into(),
             group: "vm".into(),
@@ -134,8 +156,20 @@ fn entered(log: &[vfio_migd::device::sim::ArcLogEntry], state: State) -> Option<
 }
 
 async fn assert_migrated(pair: &Pair, src_job: &pb::Job, dst_job: &pb::Job) {
-    assert_eq!(src_job.status(), pb::JobStatus::Succeeded, "source: {}\n{}", src_job.error, pair.src.log_text());
-    assert_eq!(dst_job.status(), pb::JobStatus::Succeeded, "destination: {}\n{}", dst_job.error, pair.dst.log_text());
+    assert_eq!(
+        src_job.status(),
+        pb::JobStatus::Succeeded,
+        "source: {}\n{}",
+        src_job.error,
+        pair.src.log_text()
+    );
+    assert_eq!(
+        dst_job.status(),
+        pb::JobStatus::Succeeded,
+        "destination: {}\n{}",
+        dst_job.error,
+        pair.dst.log_text()
+    );
     assert!(src_job.downtime_ns > 0);
     let (src, dst) = pair.digests().await;
     for (s, d) in src.iter().zip(&dst) {
@@ -151,20 +185,32 @@ async fn assert_migrated(pair: &Pair, src_job: &pb::Job, dst_job: &pb::Job) {
         .iter()
         .map(|d| {
             let log = pair.arcs(d.name);
-            entered(&log, State::RunningP2p).into_iter().chain(entered(&log, State::PreCopyP2p)).min().expect("quiesced")
+            entered(&log, State::RunningP2p)
+                .into_iter()
+                .chain(entered(&log, State::PreCopyP2p))
+                .min()
+                .expect("quiesced")
         })
         .max();
-    let resumed_p2p = p2p.iter().map(|d| entered(&pair.arcs(&format!("dst-{}", d.name)), State::RunningP2p).expect("p2p")).max();
+    let resumed_p2p = p2p
+        .iter()
+        .map(|d| entered(&pair.arcs(&format!("dst-{}", d.name)), State::RunningP2p).expect("p2p"))
+        .max();
     let commit_record = pair.src.dir.join("state/journal").join(format!("{}.decision", src_job.job_id));
     assert_eq!(std::fs::read_to_string(&commit_record).unwrap().trim(), "commit");
     for d in &pair.devs {
         let log = pair.arcs(d.name);
-        let stopped = entered(&log, State::Stop).into_iter().chain(entered(&log, State::StopCopy)).min().expect("stopped");
+        let stopped = entered(&log, State::Stop)
+            .into_iter()
+            .chain(entered(&log, State::StopCopy))
+            .min()
+            .expect("stopped");
         if let Some(q) = quiesced {
             assert!(stopped >= q, "{} stopped before the P2P barrier", d.name);
         }
         let dlog = pair.arcs(&format!("dst-{}", d.name));
-        let running = dlog.iter().rev().find(|e| e.event == ArcEvent::Arc(State::Running)).expect("running").time_ns;
+        let running =
+            dlog.iter().rev().find(|e| e.event == ArcEvent::Arc(State::Running)).expect("running").time_ns;
         if let Some(r) = resumed_p2p {
             assert!(running >= r, "dst-{} ran before the resume barrier", d.name);
         }
@@ -173,7 +219,13 @@ async fn assert_migrated(pair: &Pair, src_job: &pb::Job, dst_job: &pb::Job) {
 
 /// After a failure before commit: every source device RUNNING with its state intact,
 /// every destination device reset (no migrated state), never RESUMING -> STOP on a bad stream.
-async fn assert_rolled_back(pair: &Pair, before: &[pb::Device], src_job: &pb::Job, dst_job: &pb::Job, expect: &[&str]) {
+async fn assert_rolled_back(
+    pair: &Pair,
+    before: &[pb::Device],
+    src_job: &pb::Job,
+    dst_job: &pb::Job,
+    expect: &[&str],
+) {
     assert!(
         matches!(src_job.status(), pb::JobStatus::RolledBack | pb::JobStatus::Cancelled),
         "source: {:?} {}\n{}",
@@ -185,7 +237,10 @@ async fn assert_rolled_back(pair: &Pair, before: &[pb::Device], src_job: &pb::Jo
         assert!(src_job.error.contains(word), "source error `{}` should mention `{word}`", src_job.error);
     }
     assert!(
-        matches!(dst_job.status(), pb::JobStatus::RolledBack | pb::JobStatus::Running | pb::JobStatus::Cancelled),
+        matches!(
+            dst_job.status(),
+            pb::JobStatus::RolledBack | pb::JobStatus::Running | pb::JobStatus::Cancelled
+        ),
         "destination: {:?} {}",
         dst_job.status(),
         dst_job.error
@@ -226,7 +281,10 @@ async fn groups_of_one_two_and_eight_devices_move_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_256_mib_device_moves_byte_for_byte() {
-    let pair = Pair::start(&[dev("big", "STOP_COPY|P2P", 256 << 20), dev("small", "STOP_COPY|P2P", 4096)], "", "").ready().await;
+    let pair =
+        Pair::start(&[dev("big", "STOP_COPY|P2P", 256 << 20), dev("small", "STOP_COPY|P2P", 4096)], "", "")
+            .ready()
+            .await;
     let (s, d) = pair.migrate("big", 120_000).await;
     assert_migrated(&pair, &s, &d).await;
     assert!(s.bytes_total >= 256 << 20);
@@ -246,15 +304,78 @@ async fn faults_before_commit_roll_the_group_back() {
         expect: &'static [&'static str],
     }
     let cases = [
-        Case { name: "pre-copy", on: 0, src_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"PRE_COPY\"\nerrno = \"EIO\"\n", dst_faults: "", src_extra: "", expect: &["pre-copy", "b0"] },
-        Case { name: "p2p", on: 1, src_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"RUNNING_P2P\"\nerrno = \"EIO\"\n", dst_faults: "", src_extra: "", expect: &["p2p-barrier", "b1"] },
-        Case { name: "stop-copy", on: 2, src_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"STOP_COPY\"\nerrno = \"EIO\"\n", dst_faults: "", src_extra: "", expect: &["stop-copy", "b2"] },
-        Case { name: "short-stream", on: 0, src_faults: "[[device.faults]]\nkind = \"early_eof\"\nbytes = 100000\n", dst_faults: "", src_extra: "", expect: &["dst-b0"] },
-        Case { name: "resuming", on: 1, src_faults: "", dst_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"RESUMING\"\nerrno = \"EIO\"\n", src_extra: "", expect: &["handshake"] },
-        Case { name: "load", on: 2, src_faults: "", dst_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"STOP\"\nerrno = \"EIO\"\nnth = 2\n", src_extra: "", expect: &["await-loaded", "dst-b2"] },
-        Case { name: "flip", on: 0, src_faults: "", dst_faults: "", src_extra: "[test.stream_fault]\nkind = \"flip_byte\"\ndevice = 1\nframe = 0\n", expect: &[] },
-        Case { name: "truncate", on: 0, src_faults: "", dst_faults: "", src_extra: "[test.stream_fault]\nkind = \"truncate\"\ndevice = 2\nframe = 1\n", expect: &[] },
-        Case { name: "drop", on: 0, src_faults: "", dst_faults: "", src_extra: "[test.stream_fault]\nkind = \"drop_connection\"\nframe = 2\n", expect: &[] },
+        Case {
+            name: "pre-copy",
+            on: 0,
+            src_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"PRE_COPY\"\nerrno = \"EIO\"\n",
+            dst_faults: "",
+            src_extra: "",
+            expect: &["pre-copy", "b0"],
+        },
+        Case {
+            name: "p2p",
+            on: 1,
+            src_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"RUNNING_P2P\"\nerrno = \"EIO\"\n",
+            dst_faults: "",
+            src_extra: "",
+            expect: &["p2p-barrier", "b1"],
+        },
+        Case {
+            name: "stop-copy",
+            on: 2,
+            src_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"STOP_COPY\"\nerrno = \"EIO\"\n",
+            dst_faults: "",
+            src_extra: "",
+            expect: &["stop-copy", "b2"],
+        },
+        Case {
+            name: "short-stream",
+            on: 0,
+            src_faults: "[[device.faults]]\nkind = \"early_eof\"\nbytes = 100000\n",
+            dst_faults: "",
+            src_extra: "",
+            expect: &["dst-b0"],
+        },
+        Case {
+            name: "resuming",
+            on: 1,
+            src_faults: "",
+            dst_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"RESUMING\"\nerrno = \"EIO\"\n",
+            src_extra: "",
+            expect: &["handshake"],
+        },
+        Case {
+            name: "load",
+            on: 2,
+            src_faults: "",
+            dst_faults: "[[device.faults]]\nkind = \"errno\"\nop = \"set_state\"\nstate = \"STOP\"\nerrno = \"EIO\"\nnth = 2\n",
+            src_extra: "",
+            expect: &["await-loaded", "dst-b2"],
+        },
+        Case {
+            name: "flip",
+            on: 0,
+            src_faults: "",
+            dst_faults: "",
+            src_extra: "[test.stream_fault]\nkind = \"flip_byte\"\ndevice = 1\nframe = 0\n",
+            expect: &[],
+        },
+        Case {
+            name: "truncate",
+            on: 0,
+            src_faults: "",
+            dst_faults: "",
+            src_extra: "[test.stream_fault]\nkind = \"truncate\"\ndevice = 2\nframe = 1\n",
+            expect: &[],
+        },
+        Case {
+            name: "drop",
+            on: 0,
+            src_faults: "",
+            dst_faults: "",
+            src_extra: "[test.stream_fault]\nkind = \"drop_connection\"\nframe = 2\n",
+            expect: &[],
+        },
     ];
     for case in cases {
         let mut devs = vec![
@@ -272,7 +393,9 @@ async fn faults_before_commit_roll_the_group_back() {
         if case.src_extra.contains("stream_fault") {
             for dv in &pair.devs {
                 let log = pair.arcs(&format!("dst-{}", dv.name));
-                let loaded = log.windows(1).any(|w| w[0].from == State::Resuming && w[0].event == ArcEvent::Arc(State::Stop));
+                let loaded = log
+                    .windows(1)
+                    .any(|w| w[0].from == State::Resuming && w[0].event == ArcEvent::Arc(State::Stop));
                 assert!(!loaded, "case {}: dst-{} went RESUMING -> STOP on a bad stream", case.name, dv.name);
             }
         }
@@ -288,12 +411,19 @@ async fn a_killed_destination_rolls_the_source_back() {
     let (before, _) = pair.digests().await;
     let mut src = pair.src.control().await;
     let mut dst = pair.dst.control().await;
-    dst.prepare_incoming(pb::PrepareIncomingRequest { job_id: "kill".into(), devices: vec!["dst-k0".into(), "dst-k1".into()] })
-        .await
-        .unwrap();
-    src.define_group(pb::DefineGroupRequest { name: "vm".into(), devices: vec!["k0".into(), "k1".into()], allow_multiple_non_p2p: false })
-        .await
-        .unwrap();
+    dst.prepare_incoming(pb::PrepareIncomingRequest {
+        job_id: "kill".into(),
+        devices: vec!["dst-k0".into(), "dst-k1".into()],
+    })
+    .await
+    .unwrap();
+    src.define_group(pb::DefineGroupRequest {
+        name: "vm".into(),
+        devices: vec!["k0".into(), "k1".into()],
+        allow_multiple_non_p2p: false,
+    })
+    .await
+    .unwrap();
     src.start_migration(pb::StartMigrationRequest {
         job_id: "kill".into(),
         group: "vm".into(),
@@ -345,7 +475,11 @@ async fn an_in_doubt_commit_is_resolved_from_the_source_journal() {
         .await
         .unwrap()
         .into_inner();
-    let resolved = if resolved.status() == pb::JobStatus::Succeeded { resolved } else { settle(&mut src, "doubt").await };
+    let resolved = if resolved.status() == pb::JobStatus::Succeeded {
+        resolved
+    } else {
+        settle(&mut src, "doubt").await
+    };
     assert_eq!(resolved.status(), pb::JobStatus::Succeeded, "{}", resolved.error);
     let (s_devs, d_devs) = pair.digests().await;
     assert_eq!(s_devs[0].content_digest, d_devs[0].content_digest);
@@ -358,14 +492,24 @@ async fn an_in_doubt_commit_is_resolved_from_the_source_journal() {
 async fn a_destination_in_doubt_is_resolved_not_committed() {
     let mut devs = vec![dev("n0", "STOP_COPY|P2P", 1 << 20)];
     // Loading takes a while: the source is killed meanwhile.
-    devs[0].dst_faults = "[[device.faults]]\nkind = \"stall\"\nop = \"set_state\"\nstate = \"STOP\"\nms = 1500\nnth = 2\n";
+    devs[0].dst_faults =
+        "[[device.faults]]\nkind = \"stall\"\nop = \"set_state\"\nstate = \"STOP\"\nms = 1500\nnth = 2\n";
     let mut pair = Pair::start(&devs, "", "[migration]\nphase_timeout_ms = 2000\n").ready().await;
     let mut src = pair.src.control().await;
     let mut dst = pair.dst.control().await;
-    dst.prepare_incoming(pb::PrepareIncomingRequest { job_id: "orphan".into(), devices: vec!["dst-n0".into()] }).await.unwrap();
-    src.define_group(pb::DefineGroupRequest { name: "vm".into(), devices: vec!["n0".into()], allow_multiple_non_p2p: false })
-        .await
-        .unwrap();
+    dst.prepare_incoming(pb::PrepareIncomingRequest {
+        job_id: "orphan".into(),
+        devices: vec!["dst-n0".into()],
+    })
+    .await
+    .unwrap();
+    src.define_group(pb::DefineGroupRequest {
+        name: "vm".into(),
+        devices: vec!["n0".into()],
+        allow_multiple_non_p2p: false,
+    })
+    .await
+    .unwrap();
     src.start_migration(pb::StartMigrationRequest {
         job_id: "orphan".into(),
         group: "vm".into(),
@@ -398,7 +542,8 @@ async fn a_destination_in_doubt_is_resolved_not_committed() {
         .await
         .unwrap()
         .into_inner();
-    let resolved = if resolved.status() == pb::JobStatus::InDoubt { settle(&mut dst, "orphan").await } else { resolved };
+    let resolved =
+        if resolved.status() == pb::JobStatus::InDoubt { settle(&mut dst, "orphan").await } else { resolved };
     assert_eq!(resolved.status(), pb::JobStatus::RolledBack, "{}", resolved.error);
     let device = dst.get_device(pb::GetDeviceRequest { name: "dst-n0".into() }).await.unwrap().into_inner();
     assert_eq!(device.state, "RUNNING");
@@ -412,10 +557,19 @@ async fn cancel_mid_transfer_returns_the_source_to_running() {
     let (before, _) = pair.digests().await;
     let mut src = pair.src.control().await;
     let mut dst = pair.dst.control().await;
-    dst.prepare_incoming(pb::PrepareIncomingRequest { job_id: "cancel".into(), devices: vec!["dst-x0".into()] }).await.unwrap();
-    src.define_group(pb::DefineGroupRequest { name: "vm".into(), devices: vec!["x0".into()], allow_multiple_non_p2p: false })
-        .await
-        .unwrap();
+    dst.prepare_incoming(pb::PrepareIncomingRequest {
+        job_id: "cancel".into(),
+        devices: vec!["dst-x0".into()],
+    })
+    .await
+    .unwrap();
+    src.define_group(pb::DefineGroupRequest {
+        name: "vm".into(),
+        devices: vec!["x0".into()],
+        allow_multiple_non_p2p: false,
+    })
+    .await
+    .unwrap();
     src.start_migration(pb::StartMigrationRequest {
         job_id: "cancel".into(),
         group: "vm".into(),

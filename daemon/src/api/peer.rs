@@ -9,8 +9,8 @@ use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::peer_server::Peer;
 
 use crate::device::DeviceIdentity;
-use crate::engine::{Daemon, EngineError};
 use crate::engine::destination::{Offer, OfferedDevice};
+use crate::engine::{Daemon, EngineError};
 use crate::fsm::Caps;
 
 /// Runs a state-changing peer request on its own task, so that it completes even when
@@ -19,7 +19,9 @@ use crate::fsm::Caps;
 async fn run_to_completion<T: Send + 'static>(
     work: impl Future<Output = Result<T, EngineError>> + Send + 'static,
 ) -> Result<T, EngineError> {
-    tokio::spawn(work).await.unwrap_or_else(|e| Err(EngineError::Internal(format!("peer request task failed: {e}"))))
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| Err(EngineError::Internal(format!("peer request task failed: {e}"))))
 }
 
 pub struct PeerService {
@@ -79,8 +81,9 @@ impl Peer for PeerService {
             source_peer: req.source_peer,
         };
         let daemon = self.daemon.clone();
-        let accepted =
-            run_to_completion(async move { daemon.accept_offer(offer, listen_ip).await }).await.map_err(Status::from)?;
+        let accepted = run_to_completion(async move { daemon.accept_offer(offer, listen_ip).await })
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(pb::HandshakeResponse {
             protocol_version: crate::engine::destination::PROTOCOL_VERSION,
             data_port: accepted.data_port as u32,
@@ -109,8 +112,9 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::CommitResponse>, Status> {
         let req = request.into_inner();
         let daemon = self.daemon.clone();
-        let running_at_unix_ns =
-            run_to_completion(async move { daemon.commit_incoming(&req.job_id).await }).await.map_err(Status::from)?;
+        let running_at_unix_ns = run_to_completion(async move { daemon.commit_incoming(&req.job_id).await })
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(pb::CommitResponse { running_at_unix_ns }))
     }
 

@@ -314,25 +314,28 @@ impl Daemon {
         let incoming = incoming.clone();
         tokio::spawn(async move {
             let counters: Vec<_> = index_names.iter().map(|(_, n)| incoming.job.counters(n)).collect();
-            // Dropping an unfinished receive aborts its connections and writer threads.
-            let receive = handle.wait();
-            tokio::pin!(receive);
-            let mut ticker = tokio::time::interval(Duration::from_millis(100));
-            // A source that vanished before (or while) streaming must not hold the
-            // devices in RESUMING forever: rule D1 resets them.
-            let deadline = tokio::time::sleep(timeout);
-            tokio::pin!(deadline);
-            let result = loop {
-                tokio::select! {
-                    r = &mut receive => break r.map_err(|e| e.to_string()),
-                    _ = &mut deadline => break Err(format!("the device streams were not complete within {timeout:?}")),
-                    _ = ticker.tick() => {
-                        for ((index, _), c) in index_names.iter().zip(&counters) {
-                            if let Some(c) = c {
-                                c.bytes_done.store(progress.bytes(*index), std::sync::atomic::Ordering::Relaxed);
+            // Dropping an unfinished receive (at the end of this block) aborts its
+            // connections and writer threads.
+            let result = {
+                let receive = handle.wait();
+                tokio::pin!(receive);
+                let mut ticker = tokio::time::interval(Duration::from_millis(100));
+                // A source that vanished before (or while) streaming must not hold the
+                // devices in RESUMING forever: rule D1 resets them.
+                let deadline = tokio::time::sleep(timeout);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        r = &mut receive => break r.map_err(|e| e.to_string()),
+                        _ = &mut deadline => break Err(format!("the device streams were not complete within {timeout:?}")),
+                        _ = ticker.tick() => {
+                            for ((index, _), c) in index_names.iter().zip(&counters) {
+                                if let Some(c) = c {
+                                    c.bytes_done.store(progress.bytes(*index), std::sync::atomic::Ordering::Relaxed);
+                                }
                             }
+                            incoming.job.touch();
                         }
-                        incoming.job.touch();
                     }
                 }
             };
@@ -341,7 +344,6 @@ impl Daemon {
                     c.bytes_done.store(progress.bytes(*index), std::sync::atomic::Ordering::Relaxed);
                 }
             }
-            drop(receive);
             daemon.finish_receive(incoming, result, index_names, timeout).await;
         });
         Ok(Accepted { data_port, token })
