@@ -2,6 +2,7 @@
 //! driven through the real control API over their Unix sockets; and the mtty stream
 //! layout used by the real-kernel test's guest program.
 
+pub mod bench;
 pub mod mtty;
 
 use std::net::{SocketAddr, TcpListener};
