@@ -63,6 +63,9 @@ pub(crate) struct IncomingJob {
     claim: Mutex<Option<Claim>>,
     /// Destination devices in frame-index order, set by the handshake.
     devices: Mutex<Vec<(u32, Arc<dyn MigrationDevice>)>>,
+    /// Devices with the P2P capability (read at the handshake, so the resume barrier
+    /// after commit — inside downtime — asks the devices nothing).
+    p2p: Mutex<HashSet<String>>,
     outcome: watch::Sender<LoadOutcome>,
     /// Serialises handshake / commit / abort / resolve.
     step: tokio::sync::Mutex<()>,
@@ -162,6 +165,7 @@ impl Daemon {
             expected: devices,
             claim: Mutex::new(Some(claim)),
             devices: Mutex::default(),
+            p2p: Mutex::default(),
             outcome: watch::channel(LoadOutcome::Pending).0,
             step: tokio::sync::Mutex::new(()),
             source_peer: Mutex::default(),
@@ -249,6 +253,9 @@ impl Daemon {
                     "device `{}` has capabilities {caps}, source device `{}` has {}: incompatible",
                     offered.destination_name, offered.source_name, offered.caps
                 )));
+            }
+            if caps.has_p2p() {
+                lock(&incoming.p2p).insert(offered.destination_name.clone());
             }
             devices.push((offered.index, device));
         }
@@ -475,14 +482,12 @@ impl Daemon {
         job.enter_phase(Phase::Resume);
         let devices = incoming.devices();
         let mut errors = Vec::new();
-        let mut p2p = Vec::new();
-        for (_, device) in &devices {
-            match super::blocking(device, |d| d.caps()).await {
-                Ok(caps) if caps.has_p2p() => p2p.push((device.clone(), State::RunningP2p)),
-                Ok(_) => {}
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
+        let p2p_names = lock(&incoming.p2p).clone();
+        let p2p: Vec<_> = devices
+            .iter()
+            .filter(|(_, d)| p2p_names.contains(d.name()))
+            .map(|(_, d)| (d.clone(), State::RunningP2p))
+            .collect();
         for ((device, _), result) in p2p.iter().zip(transition_all(&p2p).await) {
             match result {
                 Ok(_) => job.set_device_state(device.name(), State::RunningP2p),
