@@ -9,11 +9,13 @@
 //! - [`transport`]: the data connections ([`StreamSender`], [`StreamReceiver`]);
 //! - [`bench`]: the stream against a plain relay between the same endpoints.
 //!
-//! Threads: each `data_fd` has its own reader (source) or writer (destination) thread,
-//! each data connection its own sender or receiver thread; tokio only sets things up and
-//! waits for the outcome, so no blocking fd is ever touched on the reactor. Memory is
-//! bounded by `buffers_per_device × max_payload` per device whatever the state's size: a
-//! producer blocks on the device's buffer pool when its consumer is slower.
+//! Threads: each saving `data_fd` has its own reader thread, which also writes the
+//! device's frames to its connection; each destination connection has a receiver thread,
+//! which writes a device that travels alone on it, and devices sharing a connection each
+//! have a writer thread. tokio only sets things up and waits for the outcome, so no
+//! blocking fd is ever touched on the reactor. Memory is bounded by a few buffers of
+//! `max_payload` per device whatever the state's size: a producer blocks when its
+//! consumer is slower.
 //!
 //! Failure: the first error on either side aborts everything on that side (pools and
 //! queues wake their waiters, sockets are shut down), which the peer sees at once as a
@@ -55,7 +57,8 @@ pub struct StreamOptions {
     pub connections: usize,
     /// Largest frame payload. QEMU found buffers above ~1 MiB no faster.
     pub max_payload: usize,
-    /// Buffers of `max_payload` bytes per device, reused for the whole stream (at least 2).
+    /// Destination buffers of `max_payload` bytes per device that shares its connection,
+    /// reused for the whole stream (at least 2). The source uses 2 per device.
     pub buffers_per_device: usize,
     /// A connection that makes no progress for this long fails with
     /// [`StreamError::Stalled`]; an idle source sends keepalives well within it.

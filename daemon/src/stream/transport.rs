@@ -278,18 +278,16 @@ impl SenderShared {
     /// are closed: a device in PRE_COPY may have nothing to send for a long time.
     fn keep_alive(&self) {
         let idle = self.opts.stall_timeout / 4;
-        let mut guard = lock(&self.keepalive_wake.0);
         loop {
-            guard = match self.keepalive_wake.1.wait_timeout_while(guard, idle / 2, |_| !self.stopped()) {
-                Ok((guard, _)) => guard,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+            // The lock is not held while writing: a keepalive stuck on a full socket
+            // must not hold up `fail`, which wakes this thread.
+            let guard = lock(&self.keepalive_wake.0);
+            drop(self.keepalive_wake.1.wait_timeout_while(guard, idle / 2, |_| !self.stopped()));
             if self.stopped() {
                 return;
             }
             for link in &self.links {
                 if let Err(err) = link.keepalive(idle) {
-                    drop(guard);
                     self.fail(err);
                     return;
                 }
@@ -418,11 +416,13 @@ impl StreamSender {
             .control
             .wait(
                 |outcome| outcome.links_done == links,
-                // An injected fault waits for the other connections, so that what the
-                // receiver sees does not depend on how fast this side gives up.
+                // An injected fault waits for the other connections (unless something
+                // else stopped them), so that what the receiver sees does not depend on
+                // how fast this side gives up.
                 |outcome| {
                     !matches!(outcome.error, Some(StreamError::FaultInjected { .. }))
                         || outcome.links_done == links
+                        || self.shared.control.aborted.load(Ordering::Acquire)
                 },
             )
             .await;
