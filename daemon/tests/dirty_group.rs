@@ -272,6 +272,30 @@ async fn a_device_that_fails_to_start_fails_the_group_and_leaves_nothing_logging
     side.daemon.stop_dirty_tracking("vm").await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_fails_to_stop_is_tried_again_by_the_next_stop() {
+    let side = group_of_three("s").await;
+    side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    side.devices[0].inject(Fault::errno(FaultOp::DmaLoggingStop, Errno::EIO).once());
+    let Err(EngineError::Internal(why)) = side.daemon.stop_dirty_tracking("vm").await else {
+        panic!("a failed stop must be reported");
+    };
+    assert!(why.contains("s-a"), "{why}");
+    assert!(side.devices[0].dma_logging_active());
+    assert!(!side.devices[1].dma_logging_active());
+    // Still listed: a start is refused until the stop went through.
+    let Err(EngineError::FailedPrecondition(refused)) =
+        side.daemon.start_dirty_tracking("vm", guest(), 0).await
+    else {
+        panic!("start must wait for the failed stop");
+    };
+    assert!(refused.contains("stop it again"), "{refused}");
+    assert!(!side.daemon.stop_dirty_tracking("vm").await.unwrap().active);
+    assert!(side.devices.iter().all(|d| !d.dma_logging_active()));
+    assert!(side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap().active);
+    side.daemon.stop_dirty_tracking("vm").await.unwrap();
+}
+
 async fn wait_finished(daemon: &Daemon, job_id: &str) -> JobSnapshot {
     let job = daemon.job(job_id).unwrap();
     let mut changes = job.subscribe();

@@ -275,6 +275,26 @@ mod tests {
     }
 
     #[test]
+    fn dirty_pages_keep_runs_chunks_and_their_count() {
+        let export = DirtyExport {
+            page_size: 4096,
+            ranges: vec![IovaRange { iova: 0x10000, length: 3 * 4096 }],
+            chunks: vec![crate::dirty::DirtyBitmapChunk {
+                iova: 1 << 30,
+                pages: 70,
+                words: vec![0b1011, 1 << 5],
+            }],
+        };
+        let pb = dirty_pages_to_proto(&export);
+        assert_eq!(pb.page_size, 4096);
+        assert_eq!(pb.ranges, [pb::IovaRange { iova: 0x10000, length: 3 * 4096 }]);
+        assert_eq!(pb.chunks[0].iova, 1 << 30);
+        assert_eq!(pb.chunks[0].pages, 70);
+        assert_eq!(pb.chunks[0].words, [0b1011, 1 << 5]);
+        assert_eq!(pb.dirty_pages, 3 + 4);
+    }
+
+    #[test]
     fn a_job_snapshot_shows_phases_bytes_and_outcome() {
         let job = Job::new("j1", Role::Source, "vm1", "peer:7410", vec![("nic0".into(), "nic9".into())]);
         job.enter_phase(Phase::Drain);

@@ -133,7 +133,9 @@ impl Daemon {
             if let Some(existing) = trackers.get(group) {
                 // An entry is active, starting, or left by a stop that failed on a device.
                 let why = match existing.tracker.try_lock().map(|t| t.is_active()) {
-                    Ok(false) => "its last stop failed on a device; stop it again first",
+                    Ok(false) => {
+                        "it is being stopped, or its last stop failed on a device: stop it again first"
+                    }
                     _ => "it is already started",
                 };
                 return Err(EngineError::FailedPrecondition(format!(
@@ -157,37 +159,32 @@ impl Daemon {
             }
             Err(e) => {
                 // Nothing is logging (the tracker stopped what it had started).
-                lock(&self.dirty).remove(group);
+                self.forget_tracking(&tracking);
                 Err(e)
             }
         }
     }
 
     /// Stops dirty tracking of `group`; a group that is not tracked is left as it is.
-    /// Returns the final statistics. When a device fails to stop, the group stays
-    /// listed (inactive) so that the next call tries that device again.
+    /// Returns the final statistics. The group stays listed until every device stopped
+    /// (a snapshot never says "inactive" while a device still logs); when a device fails
+    /// to stop, the next call tries that device again.
     pub async fn stop_dirty_tracking(&self, group: &str) -> Result<DirtyTrackingStatus, EngineError> {
         self.registry.group(group)?;
-        let Some(tracking) = lock(&self.dirty).remove(group) else {
+        let Some(tracking) = lock(&self.dirty).get(group).cloned() else {
             return Ok(DirtyTrackingStatus::untracked(group));
         };
         let stopping = tracking.clone();
-        let stopped = run_blocking(group, move || {
+        let (stopped, status) = run_blocking(group, move || {
             let mut tracker = stopping.tracker();
             let result = tracker.stop();
             (result, DirtyTrackingStatus::of(&stopping.group, &tracker))
         })
         .await?;
-        match stopped {
-            (Ok(()), status) => {
-                tracing::info!(group, "dirty tracking stopped");
-                Ok(status)
-            }
-            (Err(e), _) => {
-                lock(&self.dirty).entry(group.to_owned()).or_insert(tracking);
-                Err(tracker_error(group, e))
-            }
-        }
+        stopped.map_err(|e| tracker_error(group, e))?;
+        self.forget_tracking(&tracking);
+        tracing::info!(group, "dirty tracking stopped");
+        Ok(status)
     }
 
     /// Reads every device's log and returns the pages dirtied since the previous call
@@ -231,6 +228,14 @@ impl Daemon {
         match self.stop_dirty_tracking(group).await {
             Ok(_) => tracing::info!(group, job = job_id, "dirty tracking stopped: the migration ended"),
             Err(e) => tracing::warn!(group, job = job_id, error = %e, "stopping dirty tracking failed"),
+        }
+    }
+
+    /// Unlists `tracking`, unless a later start already replaced it.
+    fn forget_tracking(&self, tracking: &Arc<GroupTracking>) {
+        let mut trackers = lock(&self.dirty);
+        if trackers.get(&tracking.group).is_some_and(|listed| Arc::ptr_eq(listed, tracking)) {
+            trackers.remove(&tracking.group);
         }
     }
 
