@@ -296,12 +296,12 @@ async fn job_requests_are_validated_before_the_engine() {
 }
 
 #[tokio::test]
-async fn dirty_tracking_says_it_is_not_wired_yet() {
+async fn dirty_tracking_of_an_unknown_group_is_not_found() {
     let daemon = TestDaemon::start().await;
     let mut control = daemon.control().await;
     let err = control.get_dirty_pages(pb::GetDirtyPagesRequest { group: "vm1".into() }).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("dirty tracking"), "{}", err.message());
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("vm1"), "{}", err.message());
     daemon.stop().await.unwrap();
 }
 

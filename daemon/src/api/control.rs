@@ -300,31 +300,34 @@ impl pb::control_server::Control for ControlService {
 
     async fn start_dirty_tracking(
         &self,
-        _request: Request<pb::StartDirtyTrackingRequest>,
+        request: Request<pb::StartDirtyTrackingRequest>,
     ) -> Result<Response<pb::DirtyTracking>, Status> {
-        Err(dirty_tracking_not_wired())
+        let req = request.into_inner();
+        required(&req.group, "group")?;
+        let ranges = super::convert::iova_ranges_from_proto(&req.ranges);
+        let status = self.daemon.start_dirty_tracking(&req.group, ranges, req.page_size).await?;
+        Ok(Response::new(super::convert::dirty_tracking_to_proto(&status)))
     }
 
     async fn stop_dirty_tracking(
         &self,
-        _request: Request<pb::StopDirtyTrackingRequest>,
+        request: Request<pb::StopDirtyTrackingRequest>,
     ) -> Result<Response<pb::DirtyTracking>, Status> {
-        Err(dirty_tracking_not_wired())
+        let group = request.into_inner().group;
+        required(&group, "group")?;
+        let status = self.daemon.stop_dirty_tracking(&group).await?;
+        Ok(Response::new(super::convert::dirty_tracking_to_proto(&status)))
     }
 
     async fn get_dirty_pages(
         &self,
-        _request: Request<pb::GetDirtyPagesRequest>,
+        request: Request<pb::GetDirtyPagesRequest>,
     ) -> Result<Response<pb::DirtyPages>, Status> {
-        Err(dirty_tracking_not_wired())
+        let group = request.into_inner().group;
+        required(&group, "group")?;
+        let export = self.daemon.dirty_pages(&group).await?;
+        Ok(Response::new(super::convert::dirty_pages_to_proto(&export)))
     }
-}
-
-fn dirty_tracking_not_wired() -> Status {
-    Status::unimplemented(
-        "dirty tracking over a group (DMA logging, merged bitmap) is not wired into the control API \
-         yet: see the issue \"Dirty tracking: logging ranges, group bitmap, tracker\"",
-    )
 }
 
 /// Sends a snapshot of `job` on every change (at most one per [`WATCH_MIN_INTERVAL`]),

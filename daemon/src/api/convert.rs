@@ -8,7 +8,9 @@ use vfio_migd_proto::v1 as pb;
 
 use crate::device::open::DeviceSummary;
 use crate::device::sim::SimSpec;
-use crate::device::{DeviceError, ErrorKind};
+use crate::device::{DeviceError, ErrorKind, IovaRange};
+use crate::dirty::DirtyExport;
+use crate::engine::dirty::DirtyTrackingStatus;
 use crate::engine::{Decision, EngineError, GroupPlan};
 use crate::fsm::Caps;
 use crate::job::{JobSnapshot, JobStatus, Role};
@@ -207,6 +209,48 @@ pub fn plan_to_proto(group: &str, plan: &GroupPlan) -> pb::GroupPlan {
     }
 }
 
+pub(crate) fn iova_ranges_from_proto(ranges: &[pb::IovaRange]) -> Vec<IovaRange> {
+    ranges.iter().map(|r| IovaRange { iova: r.iova, length: r.length }).collect()
+}
+
+fn iova_ranges_to_proto(ranges: &[IovaRange]) -> Vec<pb::IovaRange> {
+    ranges.iter().map(|r| pb::IovaRange { iova: r.iova, length: r.length }).collect()
+}
+
+pub fn dirty_tracking_to_proto(status: &DirtyTrackingStatus) -> pb::DirtyTracking {
+    pb::DirtyTracking {
+        group: status.group.clone(),
+        active: status.active,
+        page_size: status.page_size,
+        ranges: iova_ranges_to_proto(&status.ranges),
+        devices: status
+            .devices
+            .iter()
+            .map(|d| pb::DeviceDirtyCoverage {
+                device: d.device.clone(),
+                source: d.source.to_owned(),
+                page_size: d.page_size.unwrap_or(0),
+                reason: d.reason.clone().unwrap_or_default(),
+                dirty_pages: d.dirty_pages,
+                last_report_ns: d.last_report_latency.map_or(0, nanos),
+            })
+            .collect(),
+    }
+}
+
+pub fn dirty_pages_to_proto(export: &DirtyExport) -> pb::DirtyPages {
+    pb::DirtyPages {
+        page_size: export.page_size,
+        ranges: iova_ranges_to_proto(&export.ranges),
+        chunks: export
+            .chunks
+            .iter()
+            .map(|c| pb::DirtyBitmapChunk { iova: c.iova, pages: c.pages, words: c.words.clone() })
+            .collect(),
+        dirty_pages: export.dirty_pages(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +272,26 @@ mod tests {
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), text);
         }
+    }
+
+    #[test]
+    fn dirty_pages_keep_runs_chunks_and_their_count() {
+        let export = DirtyExport {
+            page_size: 4096,
+            ranges: vec![IovaRange { iova: 0x10000, length: 3 * 4096 }],
+            chunks: vec![crate::dirty::DirtyBitmapChunk {
+                iova: 1 << 30,
+                pages: 70,
+                words: vec![0b1011, 1 << 5],
+            }],
+        };
+        let pb = dirty_pages_to_proto(&export);
+        assert_eq!(pb.page_size, 4096);
+        assert_eq!(pb.ranges, [pb::IovaRange { iova: 0x10000, length: 3 * 4096 }]);
+        assert_eq!(pb.chunks[0].iova, 1 << 30);
+        assert_eq!(pb.chunks[0].pages, 70);
+        assert_eq!(pb.chunks[0].words, [0b1011, 1 << 5]);
+        assert_eq!(pb.dirty_pages, 3 + 4);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! - [`plan`]: the group plan from capabilities (pure);
 //! - [`commit`]: the two-phase commit rules and the source's journal;
 //! - [`source`]: the source side (coordinator);
-//! - [`destination`]: the destination side (serves the peer API).
+//! - [`destination`]: the destination side (serves the peer API);
+//! - [`dirty`]: dirty tracking per group (the control API's dirty RPCs).
 //!
 //! Device ioctls block (STOP_COPY can take hundreds of milliseconds on real devices), so
 //! every FSM transition runs on a blocking thread, in parallel across a group's devices;
@@ -11,6 +12,7 @@
 
 pub mod commit;
 pub mod destination;
+pub mod dirty;
 pub mod plan;
 pub mod source;
 
@@ -100,6 +102,8 @@ pub struct Daemon {
     pub(crate) incoming: Mutex<HashMap<String, Arc<destination::IncomingJob>>>,
     /// Source-side jobs, by job id.
     pub(crate) outgoing: Mutex<HashMap<String, Arc<source::OutgoingJob>>>,
+    /// Dirty tracking, by group.
+    pub(crate) dirty: Mutex<HashMap<String, Arc<dirty::GroupTracking>>>,
 }
 
 impl Daemon {
@@ -112,6 +116,7 @@ impl Daemon {
             journal,
             incoming: Mutex::default(),
             outgoing: Mutex::default(),
+            dirty: Mutex::default(),
         }))
     }
 

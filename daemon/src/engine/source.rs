@@ -217,6 +217,8 @@ impl Daemon {
             Ok(()) => {}
             Err(failure) => run.rollback(&mut devices, failure).await,
         }
+        // After the job's last device step: never inside downtime.
+        self.stop_dirty_tracking_after_job(&req.group, &req.job_id).await;
         if job.snapshot().status.is_finished() {
             self.jobs.retire(&req.job_id);
         }

@@ -1,0 +1,449 @@
+//! Dirty tracking per group through the daemon: start over a group of simulated devices,
+//! exact dirty pages per call, coverage, typed errors, stop on a migration's end, and the
+//! control API over its real socket.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Code;
+use vfio_migd::api::peer::PeerService;
+use vfio_migd::config::Config;
+use vfio_migd::device::sim::{Fault, FaultOp, SimDevice, SimSpec};
+use vfio_migd::device::{IovaRange, MigrationDevice};
+use vfio_migd::dirty::DirtyExport;
+use vfio_migd::engine::dirty::DirtyTrackingStatus;
+use vfio_migd::engine::source::MigrationRequest;
+use vfio_migd::engine::{Daemon, EngineError};
+use vfio_migd::fsm::{Caps, State};
+use vfio_migd::job::{JobSnapshot, JobStatus};
+use vfio_migd::registry::{Backend, GroupDef, Registry};
+use vfio_migd_proto::v1 as pb;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const PAGE: u64 = 4096;
+
+/// Two guest ranges with a hole between them.
+fn guest() -> Vec<IovaRange> {
+    vec![IovaRange { iova: 0, length: 64 * MIB }, IovaRange { iova: GIB, length: 16 * MIB }]
+}
+
+struct Side {
+    daemon: Arc<Daemon>,
+    devices: Vec<Arc<SimDevice>>,
+    peer: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn sim(name: &str, logging: bool, seed: u64) -> SimSpec {
+    let mut spec = SimSpec::new(name);
+    spec.model = "sim-dirty".into();
+    spec.caps = Caps::parse("STOP_COPY|P2P").unwrap();
+    spec.state_size = 64 * 1024;
+    spec.seed = Some(seed);
+    spec.dma_logging.supported = logging;
+    spec
+}
+
+/// A daemon with `specs` registered and its peer API served on loopback.
+async fn side(specs: Vec<SimSpec>) -> Side {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let toml = format!("state_dir = \"{}\"\n[peer]\nlisten = \"{peer}\"\n", dir.path().display());
+    let config = Config::from_toml(&toml, true).unwrap();
+    let registry = Arc::new(Registry::default());
+    let mut devices = Vec::new();
+    for spec in specs {
+        let device = Arc::new(SimDevice::new(spec).unwrap());
+        registry.add_device(device.clone() as Arc<dyn MigrationDevice>, Backend::Sim).unwrap();
+        devices.push(device);
+    }
+    let daemon = Daemon::new(config, registry).unwrap();
+    let service = PeerService::new(daemon.clone()).into_server();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    Side { daemon, devices, peer, _dir: dir }
+}
+
+/// Devices `a`, `b` (logging) and `c` (no logging) in group `vm`.
+async fn group_of_three(prefix: &str) -> Side {
+    let side = side(vec![
+        sim(&format!("{prefix}-a"), true, 1),
+        sim(&format!("{prefix}-b"), true, 2),
+        sim(&format!("{prefix}-c"), false, 3),
+    ])
+    .await;
+    side.daemon
+        .registry
+        .define_group(GroupDef {
+            name: "vm".into(),
+            devices: side.devices.iter().map(|d| d.name().to_owned()).collect(),
+            allow_multiple_non_p2p: false,
+        })
+        .unwrap();
+    side
+}
+
+/// The 4 KiB pages `writes` touch inside the guest ranges.
+fn model_pages(writes: &[(u64, u64)]) -> BTreeSet<u64> {
+    let mut pages = BTreeSet::new();
+    for &(iova, length) in writes {
+        for range in guest() {
+            let (lo, hi) = (iova.max(range.iova), (iova + length).min(range.end()));
+            if lo < hi {
+                pages.extend((lo / PAGE..=(hi - 1) / PAGE).map(|p| p * PAGE));
+            }
+        }
+    }
+    pages
+}
+
+fn exported_pages(export: &DirtyExport) -> BTreeSet<u64> {
+    let pages: Vec<u64> = export.dirty_page_addresses().collect();
+    let set: BTreeSet<u64> = pages.iter().copied().collect();
+    assert_eq!(set.len(), pages.len(), "a page is exported twice");
+    assert_eq!(export.dirty_pages(), pages.len() as u64);
+    set
+}
+
+fn coverage<'a>(
+    status: &'a DirtyTrackingStatus,
+    device: &str,
+) -> &'a vfio_migd::engine::dirty::DeviceCoverage {
+    status.devices.iter().find(|d| d.device == device).unwrap_or_else(|| panic!("no coverage for {device}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_pages_are_exactly_the_union_of_the_devices_writes_since_the_last_call() {
+    let side = group_of_three("d").await;
+    let (a, b, c) = (&side.devices[0], &side.devices[1], &side.devices[2]);
+    let status = side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    assert!(status.active);
+    assert_eq!(status.page_size, PAGE);
+    assert_eq!(status.ranges, guest());
+    assert_eq!(status.devices.len(), 3);
+    for dev in [a, b] {
+        let cov = coverage(&status, dev.name());
+        assert_eq!(cov.source, "dma-logging");
+        assert_eq!(cov.page_size, Some(PAGE));
+        assert_eq!(cov.reason, None);
+        assert!(dev.dma_logging_active());
+    }
+    let not_covered = coverage(&status, c.name());
+    assert_eq!(not_covered.source, "none");
+    assert!(not_covered.reason.as_deref().unwrap().contains("DMA logging"), "{not_covered:?}");
+    assert!(!c.dma_logging_active());
+
+    // Overlapping writes from two devices, one crossing into the hole, one outside.
+    let a_writes = [(0x1000, 1), (5 * MIB + 100, 3 * PAGE), (64 * MIB - 10, 4 * PAGE), (GIB + 7, 1)];
+    let b_writes = [(0x1000, 8), (5 * MIB + 2 * PAGE, 4 * PAGE), (GIB + 15 * MIB, MIB), (2 * GIB, PAGE)];
+    for &(iova, length) in &a_writes {
+        a.dma_write(iova, length);
+    }
+    for &(iova, length) in &b_writes {
+        b.dma_write(iova, length);
+    }
+    c.dma_write(40 * MIB, PAGE);
+    let first = side.daemon.dirty_pages("vm").await.unwrap();
+    assert_eq!(first.page_size, PAGE);
+    let mut model = model_pages(&a_writes);
+    model.extend(model_pages(&b_writes));
+    assert_eq!(exported_pages(&first), model);
+
+    // Nothing new: nothing dirty.
+    assert_eq!(side.daemon.dirty_pages("vm").await.unwrap().dirty_pages(), 0);
+
+    // Only the writes since the last call; one rewrites a page already returned.
+    let again = [(0x1000, 1), (GIB + MIB, 2 * PAGE)];
+    for &(iova, length) in &again {
+        b.dma_write(iova, length);
+    }
+    let second = side.daemon.dirty_pages("vm").await.unwrap();
+    assert_eq!(exported_pages(&second), model_pages(&again));
+
+    let status = side.daemon.dirty_tracking("vm").await.unwrap();
+    let expected_a = model_pages(&a_writes).len() as u64;
+    // Pages both devices wrote in the same round count for the first device read (a).
+    let b_only: BTreeSet<u64> = model_pages(&b_writes).difference(&model_pages(&a_writes)).copied().collect();
+    assert_eq!(coverage(&status, a.name()).dirty_pages, expected_a);
+    assert_eq!(coverage(&status, b.name()).dirty_pages, b_only.len() as u64 + 3);
+    assert_eq!(coverage(&status, a.name()).reports, 3);
+    assert!(coverage(&status, a.name()).last_report_latency.is_some());
+    assert_eq!(coverage(&status, c.name()).reports, 0);
+
+    let stopped = side.daemon.stop_dirty_tracking("vm").await.unwrap();
+    assert!(!stopped.active);
+    assert_eq!(coverage(&stopped, a.name()).dirty_pages, expected_a);
+    assert!(side.devices.iter().all(|d| !d.dma_logging_active()));
+    // Idempotent, and the group reads as untracked.
+    let again = side.daemon.stop_dirty_tracking("vm").await.unwrap();
+    assert!(!again.active && again.devices.is_empty());
+    assert!(!side.daemon.dirty_tracking("vm").await.unwrap().active);
+    assert!(matches!(side.daemon.dirty_pages("vm").await, Err(EngineError::FailedPrecondition(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dense_writes_come_back_as_bitmap_chunks_and_sparse_ones_as_ranges() {
+    let side = group_of_three("x").await;
+    let (a, b) = (&side.devices[0], &side.devices[1]);
+    side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    // Every other page of the first range, from two devices: runs would cost far more
+    // than the bitmap.
+    let mut writes = Vec::new();
+    for page in (0..64 * MIB / PAGE).step_by(2) {
+        let write = (page * PAGE + 17, 1);
+        if page % 4 == 0 {
+            a.dma_write(write.0, write.1)
+        } else {
+            b.dma_write(write.0, write.1)
+        }
+        writes.push(write);
+    }
+    let sparse = [(GIB + 3 * MIB, 10 * PAGE)];
+    a.dma_write(sparse[0].0, sparse[0].1);
+    writes.extend(sparse);
+    let export = side.daemon.dirty_pages("vm").await.unwrap();
+    assert!(!export.chunks.is_empty(), "dense pages must be exported as chunks");
+    assert_eq!(export.ranges, vec![IovaRange { iova: GIB + 3 * MIB, length: 10 * PAGE }]);
+    assert_eq!(exported_pages(&export), model_pages(&writes));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_checked_and_errors_are_typed() {
+    let side = group_of_three("e").await;
+    let daemon = &side.daemon;
+    assert!(matches!(daemon.start_dirty_tracking("nope", guest(), 0).await, Err(EngineError::NotFound(_))));
+    assert!(matches!(daemon.stop_dirty_tracking("nope").await, Err(EngineError::NotFound(_))));
+    assert!(matches!(daemon.dirty_pages("nope").await, Err(EngineError::NotFound(_))));
+    assert!(matches!(
+        daemon.start_dirty_tracking("vm", Vec::new(), 0).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        daemon.start_dirty_tracking("vm", guest(), 3000).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        daemon.start_dirty_tracking("vm", vec![IovaRange { iova: 0, length: 0 }], 0).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(daemon.dirty_pages("vm").await, Err(EngineError::FailedPrecondition(_))));
+    assert!(side.devices.iter().all(|d| !d.dma_logging_active()));
+
+    // A coarser group page than the devices log at.
+    let status = daemon.start_dirty_tracking("vm", guest(), 64 * 1024).await.unwrap();
+    assert_eq!(status.page_size, 64 * 1024);
+    let Err(EngineError::FailedPrecondition(why)) = daemon.start_dirty_tracking("vm", guest(), 0).await
+    else {
+        panic!("a second start must be refused");
+    };
+    assert!(why.contains("already started"), "{why}");
+    side.devices[1].dma_write(GIB + 70 * 1024, 1);
+    let export = daemon.dirty_pages("vm").await.unwrap();
+    assert_eq!(export.page_size, 64 * 1024);
+    assert_eq!(exported_pages(&export), BTreeSet::from([GIB + 64 * 1024]));
+    daemon.stop_dirty_tracking("vm").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_fails_to_start_fails_the_group_and_leaves_nothing_logging() {
+    let side = group_of_three("f").await;
+    side.devices[1].inject(Fault::errno(FaultOp::DmaLoggingStart, Errno::EIO).once());
+    let Err(EngineError::Internal(why)) = side.daemon.start_dirty_tracking("vm", guest(), 0).await else {
+        panic!("an EIO at start must fail the call");
+    };
+    assert!(why.contains("f-b"), "the failing device is named: {why}");
+    assert!(side.devices.iter().all(|d| !d.dma_logging_active()), "device a was stopped again");
+    assert!(!side.daemon.dirty_tracking("vm").await.unwrap().active);
+    // The fault fired once: the group can be started now.
+    assert!(side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap().active);
+    side.daemon.stop_dirty_tracking("vm").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_fails_to_stop_is_tried_again_by_the_next_stop() {
+    let side = group_of_three("s").await;
+    side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    side.devices[0].inject(Fault::errno(FaultOp::DmaLoggingStop, Errno::EIO).once());
+    let Err(EngineError::Internal(why)) = side.daemon.stop_dirty_tracking("vm").await else {
+        panic!("a failed stop must be reported");
+    };
+    assert!(why.contains("s-a"), "{why}");
+    assert!(side.devices[0].dma_logging_active());
+    assert!(!side.devices[1].dma_logging_active());
+    // Still listed: a start is refused until the stop went through.
+    let Err(EngineError::FailedPrecondition(refused)) =
+        side.daemon.start_dirty_tracking("vm", guest(), 0).await
+    else {
+        panic!("start must wait for the failed stop");
+    };
+    assert!(refused.contains("stop it again"), "{refused}");
+    assert!(!side.daemon.stop_dirty_tracking("vm").await.unwrap().active);
+    assert!(side.devices.iter().all(|d| !d.dma_logging_active()));
+    assert!(side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap().active);
+    side.daemon.stop_dirty_tracking("vm").await.unwrap();
+}
+
+async fn wait_finished(daemon: &Daemon, job_id: &str) -> JobSnapshot {
+    let job = daemon.job(job_id).unwrap();
+    let mut changes = job.subscribe();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let snapshot = job.snapshot();
+            if snapshot.status != JobStatus::Running {
+                return snapshot;
+            }
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("job did not finish")
+}
+
+/// The job's end is published before its task stops the group's tracking: wait for it.
+async fn wait_tracking_stopped(daemon: &Daemon) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while daemon.dirty_tracking("vm").await.unwrap().active {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("tracking was not stopped after the job ended");
+}
+
+async fn migrate_group(src: &Side, dst: &Side, job_id: &str) -> JobSnapshot {
+    let dst_names: Vec<String> = dst.devices.iter().map(|d| d.name().to_owned()).collect();
+    dst.daemon.prepare_incoming(job_id, dst_names.clone()).await.unwrap();
+    let mapping = src.devices.iter().map(|d| d.name().to_owned()).zip(dst_names).collect();
+    src.daemon
+        .start_migration(MigrationRequest {
+            job_id: job_id.into(),
+            group: "vm".into(),
+            peer: dst.peer.to_string(),
+            mapping,
+            phase_timeout_ms: 20_000,
+            data_connections: 0,
+        })
+        .await
+        .unwrap();
+    let snapshot = wait_finished(&src.daemon, job_id).await;
+    wait_finished(&dst.daemon, job_id).await;
+    wait_tracking_stopped(&src.daemon).await;
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tracking_stops_when_a_migration_of_the_group_ends() {
+    let src = group_of_three("src").await;
+    let dst = side(vec![sim("dst-a", true, 11), sim("dst-b", true, 12), sim("dst-c", true, 13)]).await;
+
+    // A migration that fails and rolls back ends the tracking too.
+    src.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    src.devices[0].dma_write(0, PAGE);
+    src.devices[1].inject(Fault::errno(FaultOp::SetState, Errno::EIO).in_state(State::StopCopy).once());
+    let rolled_back = migrate_group(&src, &dst, "job-rollback").await;
+    assert_eq!(rolled_back.status, JobStatus::RolledBack, "{:?}", rolled_back.error);
+    assert!(src.devices.iter().all(|d| !d.dma_logging_active()));
+
+    // A successful migration, tracked from the start.
+    src.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    src.devices[0].dma_write(MIB, PAGE);
+    assert_eq!(src.daemon.dirty_pages("vm").await.unwrap().dirty_pages(), 1);
+    let succeeded = migrate_group(&src, &dst, "job-ok").await;
+    assert_eq!(succeeded.status, JobStatus::Succeeded, "{:?}", succeeded.error);
+    assert!(src.devices.iter().all(|d| !d.dma_logging_active()));
+    assert!(matches!(src.daemon.dirty_pages("vm").await, Err(EngineError::FailedPrecondition(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_api_starts_reads_and_stops_tracking() {
+    let daemon = support::TestDaemon::start().await;
+    let mut names = Vec::new();
+    let mut sims = Vec::new();
+    for (name, logging) in [("api-a", true), ("api-b", true), ("api-c", false)] {
+        let device = Arc::new(SimDevice::new(sim(name, logging, 7)).unwrap());
+        daemon.daemon.registry.add_device(device.clone(), Backend::Sim).unwrap();
+        names.push(name.to_owned());
+        sims.push(device);
+    }
+    let mut control = daemon.control().await;
+    control
+        .define_group(pb::DefineGroupRequest {
+            name: "vm".into(),
+            devices: names,
+            allow_multiple_non_p2p: false,
+        })
+        .await
+        .unwrap();
+    let ranges: Vec<pb::IovaRange> =
+        guest().iter().map(|r| pb::IovaRange { iova: r.iova, length: r.length }).collect();
+    let started = control
+        .start_dirty_tracking(pb::StartDirtyTrackingRequest {
+            group: "vm".into(),
+            ranges: ranges.clone(),
+            page_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(started.active);
+    assert_eq!(started.page_size, PAGE);
+    assert_eq!(started.ranges, ranges);
+    let sources: Vec<(&str, &str)> =
+        started.devices.iter().map(|d| (d.device.as_str(), d.source.as_str())).collect();
+    assert_eq!(sources, [("api-a", "dma-logging"), ("api-b", "dma-logging"), ("api-c", "none")]);
+    assert!(!started.devices[2].reason.is_empty());
+
+    let err = control
+        .start_dirty_tracking(pb::StartDirtyTrackingRequest { group: "vm".into(), ranges, page_size: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    sims[0].dma_write(0x3000, 1);
+    sims[1].dma_write(GIB, 2 * PAGE);
+    let pages =
+        control.get_dirty_pages(pb::GetDirtyPagesRequest { group: "vm".into() }).await.unwrap().into_inner();
+    assert_eq!(pages.page_size, PAGE);
+    assert_eq!(pages.dirty_pages, 3);
+    assert!(pages.chunks.is_empty());
+    assert_eq!(
+        pages.ranges,
+        [pb::IovaRange { iova: 0x3000, length: PAGE }, pb::IovaRange { iova: GIB, length: 2 * PAGE }]
+    );
+
+    let stopped = control
+        .stop_dirty_tracking(pb::StopDirtyTrackingRequest { group: "vm".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stopped.active);
+    assert_eq!(stopped.devices[0].dirty_pages, 1);
+    assert_eq!(stopped.devices[1].dirty_pages, 2);
+    assert!(sims.iter().all(|d| !d.dma_logging_active()));
+    let err = control.get_dirty_pages(pb::GetDirtyPagesRequest { group: "vm".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = control
+        .start_dirty_tracking(pb::StartDirtyTrackingRequest {
+            group: "vm".into(),
+            ranges: Vec::new(),
+            page_size: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    drop(control);
+    daemon.stop().await.unwrap();
+}
