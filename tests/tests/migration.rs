@@ -93,6 +93,18 @@ impl Pair {
     /// Prepares the destination, defines the group and starts the migration; returns the
     /// source's and the destination's final job.
     async fn migrate(&self, job_id: &str, timeout_ms: u64) -> (pb::Job, pb::Job) {
+        let (mut src, mut dst, request) = self.start_job(job_id, timeout_ms).await;
+        // A retried start with the same job id is idempotent.
+        let again = src.start_migration(request).await.unwrap().into_inner();
+        assert_eq!(again.job_id, job_id);
+        let s = settle(&mut src, job_id).await;
+        let d = settle(&mut dst, job_id).await;
+        (s, d)
+    }
+
+    /// Prepares the destination, defines the group `vm` over every device and starts the
+    /// migration; returns both control clients and the start request.
+    async fn start_job(&self, job_id: &str, timeout_ms: u64) -> (Client, Client, pb::StartMigrationRequest) {
         let mut src = self.src.control().await;
         let mut dst = self.dst.control().await;
         let names: Vec<String> = self.devs.iter().map(|d| d.name.to_string()).collect();
@@ -123,14 +135,11 @@ impl Pair {
             data_connections: 0,
         };
         src.start_migration(request.clone()).await.unwrap();
-        // A retried start with the same job id is idempotent.
-        let again = src.start_migration(request).await.unwrap().into_inner();
-        assert_eq!(again.job_id, job_id);
-        let s = settle(&mut src, job_id).await;
-        let d = settle(&mut dst, job_id).await;
-        (s, d)
+        (src, dst, request)
     }
 }
+
+type Client = vfio_migd_proto::v1::control_client::ControlClient<tonic::transport::Channel>;
 
 fn arc_log(dir: &Path, device: &str) -> PathBuf {
     dir.join(format!("{device}.arcs"))
@@ -409,34 +418,7 @@ async fn a_killed_destination_rolls_the_source_back() {
     devs[0].dst_faults = "[[device.faults]]\nkind = \"stall\"\nop = \"data_write\"\nms = 200\n";
     let mut pair = Pair::start(&devs, "", "").ready().await;
     let (before, _) = pair.digests().await;
-    let mut src = pair.src.control().await;
-    let mut dst = pair.dst.control().await;
-    dst.prepare_incoming(pb::PrepareIncomingRequest {
-        job_id: "kill".into(),
-        devices: vec!["dst-k0".into(), "dst-k1".into()],
-    })
-    .await
-    .unwrap();
-    src.define_group(pb::DefineGroupRequest {
-        name: "vm".into(),
-        devices: vec!["k0".into(), "k1".into()],
-        allow_multiple_non_p2p: false,
-    })
-    .await
-    .unwrap();
-    src.start_migration(pb::StartMigrationRequest {
-        job_id: "kill".into(),
-        group: "vm".into(),
-        peer: pair.dst.peer.to_string(),
-        mapping: vec![
-            pb::DeviceMapping { source: "k0".into(), destination: "dst-k0".into() },
-            pb::DeviceMapping { source: "k1".into(), destination: "dst-k1".into() },
-        ],
-        phase_timeout_ms: 20_000,
-        data_connections: 0,
-    })
-    .await
-    .unwrap();
+    let (mut src, _, _) = pair.start_job("kill", 20_000).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let job = src.get_job(pb::GetJobRequest { job_id: "kill".into() }).await.unwrap().into_inner();
@@ -495,31 +477,7 @@ async fn a_destination_in_doubt_is_resolved_not_committed() {
     devs[0].dst_faults =
         "[[device.faults]]\nkind = \"stall\"\nop = \"set_state\"\nstate = \"STOP\"\nms = 1500\nnth = 2\n";
     let mut pair = Pair::start(&devs, "", "[migration]\nphase_timeout_ms = 2000\n").ready().await;
-    let mut src = pair.src.control().await;
-    let mut dst = pair.dst.control().await;
-    dst.prepare_incoming(pb::PrepareIncomingRequest {
-        job_id: "orphan".into(),
-        devices: vec!["dst-n0".into()],
-    })
-    .await
-    .unwrap();
-    src.define_group(pb::DefineGroupRequest {
-        name: "vm".into(),
-        devices: vec!["n0".into()],
-        allow_multiple_non_p2p: false,
-    })
-    .await
-    .unwrap();
-    src.start_migration(pb::StartMigrationRequest {
-        job_id: "orphan".into(),
-        group: "vm".into(),
-        peer: pair.dst.peer.to_string(),
-        mapping: vec![pb::DeviceMapping { source: "n0".into(), destination: "dst-n0".into() }],
-        phase_timeout_ms: 20_000,
-        data_connections: 0,
-    })
-    .await
-    .unwrap();
+    let (_, mut dst, _) = pair.start_job("orphan", 20_000).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let job = dst.get_job(pb::GetJobRequest { job_id: "orphan".into() }).await.unwrap().into_inner();
@@ -555,31 +513,7 @@ async fn cancel_mid_transfer_returns_the_source_to_running() {
     devs[0].dst_faults = "[[device.faults]]\nkind = \"stall\"\nop = \"data_write\"\nms = 100\n";
     let pair = Pair::start(&devs, "", "").ready().await;
     let (before, _) = pair.digests().await;
-    let mut src = pair.src.control().await;
-    let mut dst = pair.dst.control().await;
-    dst.prepare_incoming(pb::PrepareIncomingRequest {
-        job_id: "cancel".into(),
-        devices: vec!["dst-x0".into()],
-    })
-    .await
-    .unwrap();
-    src.define_group(pb::DefineGroupRequest {
-        name: "vm".into(),
-        devices: vec!["x0".into()],
-        allow_multiple_non_p2p: false,
-    })
-    .await
-    .unwrap();
-    src.start_migration(pb::StartMigrationRequest {
-        job_id: "cancel".into(),
-        group: "vm".into(),
-        peer: pair.dst.peer.to_string(),
-        mapping: vec![pb::DeviceMapping { source: "x0".into(), destination: "dst-x0".into() }],
-        phase_timeout_ms: 30_000,
-        data_connections: 0,
-    })
-    .await
-    .unwrap();
+    let (mut src, mut dst, _) = pair.start_job("cancel", 30_000).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let job = src.get_job(pb::GetJobRequest { job_id: "cancel".into() }).await.unwrap().into_inner();
