@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Real-kernel test: runs the project's own VFIO uAPI layer against Linux's VFIO migration
-# v2 uAPI, with the mtty sample driver, inside a QEMU (TCG) guest booting Debian's 6.12
-# kernel. Nothing is installed into the host's /boot or /lib/modules: the kernel packages
-# are unpacked into a cache outside the clone and reused by later runs.
+# Real-kernel test: runs the project's own binaries against Linux's VFIO migration v2 uAPI,
+# with the mtty sample driver, inside a QEMU (TCG) guest booting Debian's 6.12 kernel.
+#   part 1  vfio-kernel-check: every FSM arc, the streams, PRE_COPY and DMA logging through
+#           the project's uAPI layer;
+#   part 2  mtty-vmm: a VMM hands a 1-port and a 2-port mtty device to a source vfio-migd and
+#           fresh ones to a destination vfio-migd; vfio-migctl migrates the group over
+#           loopback (after a corrupted and a truncated stream were rejected), and the VMM
+#           reads every register and FIFO byte back through the BARs.
+# Nothing is installed into the host's /boot or /lib/modules: the kernel packages are
+# unpacked into a cache outside the clone and reused by later runs.
 #
 # Runs as root (apt-get, mknod-free initramfs). Environment:
 #   VFIO_MIGD_CACHE               kernel/mtty cache   (default /var/cache/vfio-migd-real-kernel)
 #   VFIO_MIGD_STATIC_TARGET_DIR   static cargo builds (default <repo>/target/static)
-#   VFIO_MIGD_QEMU_TIMEOUT        seconds for the guest (default 300; a pass takes ~10 s)
+#   VFIO_MIGD_QEMU_TIMEOUT        seconds for the guest (default 300; a pass takes ~30 s)
 # The verdict comes from the guest's serial log only: QEMU exits 0 whatever happens inside.
 set -euo pipefail
 
@@ -16,7 +22,13 @@ cache_root=${VFIO_MIGD_CACHE:-/var/cache/vfio-migd-real-kernel}
 static_target=${VFIO_MIGD_STATIC_TARGET_DIR:-$repo/target/static}
 qemu_timeout=${VFIO_MIGD_QEMU_TIMEOUT:-300}
 work=$repo/target/real-kernel
-guest_bins=(vfio-kernel-check)
+# Static binaries packed into the guest, and the package each comes from.
+declare -A guest_bins=(
+    [vfio-kernel-check]=vfio-migd-tests
+    [mtty-vmm]=vfio-migd-tests
+    [vfio-migd]=vfio-migd
+    [vfio-migctl]=vfio-migctl
+)
 verdict_tag='@@vfio-migd-real-kernel-verdict@@'
 
 log() { printf '== real-kernel: %s\n' "$*"; }
@@ -157,11 +169,16 @@ if [[ ! -f $mtty_dir/mtty.ko ]]; then
 fi
 
 # --- 4. static guest binaries ------------------------------------------------------------
-log "building static guest binaries (${guest_bins[*]})"
+log "building static guest binaries (${!guest_bins[*]})"
+declare -A packages=()
 bin_args=()
-for bin in "${guest_bins[@]}"; do bin_args+=(--bin "$bin"); done
+for bin in "${!guest_bins[@]}"; do
+    bin_args+=(--bin "$bin")
+    packages[${guest_bins[$bin]}]=1
+done
+for package in "${!packages[@]}"; do bin_args+=(-p "$package"); done
 (cd "$repo" && CARGO_TARGET_DIR=$static_target RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --quiet --release --target x86_64-unknown-linux-gnu -p vfio-migd-tests "${bin_args[@]}")
+    cargo build --quiet --release --target x86_64-unknown-linux-gnu "${bin_args[@]}")
 
 # --- 5. initramfs --------------------------------------------------------------------------
 mkdir -p "$work"
@@ -172,8 +189,10 @@ cp /bin/busybox "$stage/bin/busybox"
 for applet in $(/bin/busybox --list); do
     [[ -e $stage/bin/$applet ]] || ln -s busybox "$stage/bin/$applet"
 done
-for bin in "${guest_bins[@]}"; do
-    cp "$static_target/x86_64-unknown-linux-gnu/release/$bin" "$stage/bin/$bin"
+for bin in "${!guest_bins[@]}"; do
+    # Debug line tables are of no use in the guest and would make the initramfs several
+    # times larger.
+    strip --strip-debug -o "$stage/bin/$bin" "$static_target/x86_64-unknown-linux-gnu/release/$bin"
 done
 
 # Modules in dependency order (the package ships no modules.dep): resolve each module's
@@ -207,11 +226,17 @@ for module in vfio vfio_iommu_type1 mdev mtty; do
 done
 log "guest modules: ${module_order[*]}"
 
-# Two mdevs of each type: a saving source and a resuming destination of the same type.
+# Part 1: two mdevs of each type, a saving source and a resuming destination of the same type.
 mtty1_a=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001
 mtty1_b=83b8f4f2-509f-382f-3c1e-e6bfe0fa1002
 mtty2_a=83b8f4f2-509f-382f-3c1e-e6bfe0fa2001
 mtty2_b=83b8f4f2-509f-382f-3c1e-e6bfe0fa2002
+# Part 2: fresh devices (mtty's reset keeps UART registers, and part 1 loads state into its
+# destinations): the migrating VM's 1-port and 2-port device, and their destinations.
+vm_mtty1_src=83b8f4f2-509f-382f-3c1e-e6bfe0fa1101
+vm_mtty1_dst=83b8f4f2-509f-382f-3c1e-e6bfe0fa1102
+vm_mtty2_src=83b8f4f2-509f-382f-3c1e-e6bfe0fa2101
+vm_mtty2_dst=83b8f4f2-509f-382f-3c1e-e6bfe0fa2102
 
 cat >"$stage/init" <<EOF
 #!/bin/sh
@@ -219,6 +244,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
+# The kernel starts init without PATH; the programs below spawn vfio-migd and vfio-migctl.
+export PATH=/bin
 verdict=FAIL
 finish() {
     echo '@@dmesg-begin@@'
@@ -231,15 +258,33 @@ for m in ${module_order[*]}; do
     insmod /modules/\$m.ko || { echo "insmod \$m failed"; finish; }
 done
 types=/sys/class/mdev_bus/mtty/mdev_supported_types
-for spec in mtty-1:$mtty1_a mtty-1:$mtty1_b mtty-2:$mtty2_a mtty-2:$mtty2_b; do
+for spec in mtty-1:$mtty1_a mtty-1:$mtty1_b mtty-2:$mtty2_a mtty-2:$mtty2_b \\
+    mtty-1:$vm_mtty1_src mtty-1:$vm_mtty1_dst mtty-2:$vm_mtty2_src mtty-2:$vm_mtty2_dst; do
     echo \${spec#*:} >\$types/\${spec%%:*}/create || { echo "cannot create \$spec"; finish; }
 done
 ip link set lo up
+part1=FAIL
+part2=FAIL
+kernel=FAIL
 echo '@@guest-program-begin@@'
 if vfio-kernel-check mtty-1:$mtty1_a mtty-1:$mtty1_b mtty-2:$mtty2_a mtty-2:$mtty2_b; then
-    verdict=PASS
+    part1=PASS
 fi
 echo '@@guest-program-end@@'
+echo '@@guest-migration-begin@@'
+if mtty-vmm mtty-1:$vm_mtty1_src mtty-1:$vm_mtty1_dst mtty-2:$vm_mtty2_src mtty-2:$vm_mtty2_dst; then
+    part2=PASS
+fi
+echo '@@guest-migration-end@@'
+if dmesg | grep -qE 'WARNING|BUG|Oops'; then
+    echo 'FAIL guest kernel log: WARNING/BUG/Oops after both parts'
+else
+    echo 'ok guest kernel log: no WARNING/BUG/Oops after both parts'
+    kernel=PASS
+fi
+if [ \$part1 = PASS ] && [ \$part2 = PASS ] && [ \$kernel = PASS ]; then
+    verdict=PASS
+fi
 finish
 EOF
 chmod +x "$stage/init"
@@ -250,11 +295,13 @@ initramfs=$work/initramfs.cpio
 serial=$work/serial.log
 log "booting $kernel_release under TCG (serial log: $serial)"
 rc=0
+boot_started=$SECONDS
 timeout --kill-after=10 "$qemu_timeout" qemu-system-x86_64 -accel tcg -cpu max -m 512 -smp 1 \
     -nographic -no-reboot -nodefaults -serial "file:$serial" -display none \
     -kernel "$vmlinuz" -initrd "$initramfs" \
     -append 'console=ttyS0 panic=-1 quiet' </dev/null >"$work/qemu.out" 2>&1 || rc=$?
 [[ $rc -ne 124 && $rc -ne 137 ]] || log "QEMU timed out after ${qemu_timeout}s"
+guest_seconds=$((SECONDS - boot_started))
 
 clean=$work/serial.txt
 tr -d '\r' <"$serial" >"$clean"
@@ -263,14 +310,23 @@ section() { sed -n "/@@$1-begin@@\$/,/^@@$1-end@@\$/p" "$clean"; }
 
 failures=()
 grep -qx "$verdict_tag PASS" "$clean" || failures+=("no PASS verdict from the guest")
+# Each part prints one line per check and a final count line.
+declare -A summaries=()
+for part in guest-program guest-migration; do
+    output=$(section "$part")
+    if grep -q '^FAIL ' <<<"$output"; then failures+=("$part reported failed checks"); fi
+    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' <<<"$output" | tail -n1 || true)
+    summaries[$part]=$summary
+    if [[ -z $summary ]]; then
+        failures+=("$part printed no count line")
+    elif [[ ! $summary =~ ^[1-9][0-9]*\ passed,\ 0\ failed$ ]]; then
+        failures+=("$part: $summary")
+    fi
+done
+grep -qx 'ok guest kernel log: no WARNING/BUG/Oops after both parts' "$clean" ||
+    failures+=("the guest's own kernel log check did not pass")
 program=$(section guest-program)
-if grep -q '^FAIL ' <<<"$program"; then failures+=("the guest program reported failed checks"); fi
-summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' <<<"$program" | tail -n1 || true)
-if [[ -z $summary ]]; then
-    failures+=("the guest program printed no count line")
-elif [[ ! $summary =~ ^[1-9][0-9]*\ passed,\ 0\ failed$ ]]; then
-    failures+=("guest checks: $summary")
-fi
+migration=$(section guest-migration)
 kernel_log=$(section dmesg)
 [[ -n $kernel_log ]] || failures+=("no dmesg in the serial log")
 if grep -qE 'WARNING|BUG|Oops' <<<"$kernel_log"; then failures+=("the kernel log has WARNING/BUG/Oops"); fi
@@ -279,8 +335,10 @@ if [[ ${#failures[@]} -gt 0 ]]; then
     {
         echo "---- QEMU output ($work/qemu.out)"
         tail -n 20 "$work/qemu.out"
-        echo "---- guest program"
+        echo "---- guest program (part 1)"
         printf '%s\n' "$program"
+        echo "---- guest migration (part 2)"
+        printf '%s\n' "$migration"
         echo "---- kernel problems"
         grep -nE -B2 -A20 'WARNING|BUG|Oops' <<<"$kernel_log" | head -n 80 || true
         echo "---- serial log tail ($serial)"
@@ -290,5 +348,7 @@ if [[ ${#failures[@]} -gt 0 ]]; then
     exit 1
 fi
 
-printf '%s\n' "$program" | grep -vE '@@guest-program-(begin|end)@@$'
-log "PASS ($summary; kernel $kernel_release; serial log $serial)"
+printf '%s\n' "$program" "$migration" | grep -vE '@@guest-(program|migration)-(begin|end)@@$'
+grep -x 'ok guest kernel log: .*' "$clean"
+log "PASS (part 1: ${summaries[guest-program]}; part 2: ${summaries[guest-migration]}; \
+guest ${guest_seconds}s; kernel $kernel_release; serial log $serial)"

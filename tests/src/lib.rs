@@ -1,9 +1,10 @@
 //! Support for end-to-end tests: real `vfio-migd` daemon processes with simulated devices,
-//! driven through the real control API over their Unix sockets; and the mtty stream
-//! layout used by the real-kernel test's guest program.
+//! driven through the real control API over their Unix sockets; and what the real-kernel
+//! test's guest programs share (the mtty stream layout and register scripts, the tally).
 
 pub mod bench;
 pub mod mtty;
+pub mod report;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -128,6 +128,71 @@ impl PortScript {
     }
 }
 
+/// What the migration test writes into the ports of one VM's two devices (`[device][port]`:
+/// the 1-port device first, then the 2-port one). Distinct everywhere, so that a stream
+/// delivered to the wrong device or port fails the checks.
+pub const VM_SCRIPTS: [[PortScript; 2]; 2] = [
+    [PortScript { scratch: 0x1A, fifo: *b"vm1a" }, PortScript { scratch: 0x1B, fifo: *b"vm1b" }],
+    [PortScript { scratch: 0x2A, fifo: *b"vm2a" }, PortScript { scratch: 0x2B, fifo: *b"vm2b" }],
+];
+
+impl PortScript {
+    /// The THR writes that push this script's bytes into the loop-back FIFO again, after a
+    /// check drained them.
+    pub fn fifo_writes(&self) -> Vec<(u64, u8)> {
+        self.fifo.iter().map(|&byte| (reg::DATA, byte)).collect()
+    }
+}
+
+/// The guest-visible registers of one port that reading leaves alone (an RX read drains
+/// the FIFO, so it is not among them). LSR tells whether the FIFO holds data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UartView {
+    pub scr: u8,
+    pub lcr: u8,
+    pub mcr: u8,
+    /// As read: the low four bits (the enables).
+    pub ier: u8,
+    pub lsr: u8,
+}
+
+impl UartView {
+    /// The offsets [`UartView::from_registers`] expects, in order.
+    pub const REGISTERS: [u64; 5] = [reg::SCR, reg::LCR, reg::MCR, reg::IER, reg::LSR];
+
+    pub fn from_registers([scr, lcr, mcr, ier, lsr]: [u8; 5]) -> UartView {
+        UartView { scr, lcr, mcr, ier, lsr }
+    }
+
+    /// What a port shows after [`PortScript::writes`]: data waiting, nothing overran.
+    pub fn after(script: &PortScript) -> UartView {
+        UartView { scr: script.scratch, lcr: LCR_8N1, mcr: MCR_VALUE, ier: IER_VALUE, lsr: LSR_DATA_READY }
+    }
+
+    /// `Ok` when equal, otherwise every register that differs.
+    pub fn compare(&self, want: &UartView) -> Result<(), String> {
+        let fields = [
+            ("SCR", self.scr, want.scr),
+            ("LCR", self.lcr, want.lcr),
+            ("MCR", self.mcr, want.mcr),
+            ("IER", self.ier, want.ier),
+            ("LSR", self.lsr, want.lsr),
+        ];
+        let differ: Vec<String> = fields
+            .iter()
+            .filter(|(_, got, want)| got != want)
+            .map(|(name, got, want)| format!("{name} = {got:#04x}, expected {want:#04x}"))
+            .collect();
+        if differ.is_empty() { Ok(()) } else { Err(differ.join(", ")) }
+    }
+
+    /// Whether any register holds what `script` put there, or the FIFO holds data: a
+    /// device that shows none of it received none of the script's state.
+    pub fn shows_any_of(&self, script: &PortScript) -> bool {
+        self.scr == script.scratch || self.lsr & LSR_DATA_READY != 0
+    }
+}
+
 /// Checks a stream's 24-byte header against the device type it came from.
 pub fn check_header(header: &[u8], mtty: MttyType) -> Result<(), String> {
     let header = header
@@ -201,6 +266,35 @@ mod tests {
         bad[HEADER_LEN + 30] = 0x0D;
         assert!(PORT_SCRIPTS[0].check_record(&bad, 0).unwrap_err().contains("divisor"));
         assert!(PORT_SCRIPTS[1].check_record(&image[..60], 1).is_err());
+    }
+
+    #[test]
+    fn vm_scripts_differ_on_every_port() {
+        let all: Vec<&PortScript> = VM_SCRIPTS.iter().flatten().collect();
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a.scratch, b.scratch);
+                assert_ne!(a.fifo, b.fifo);
+            }
+        }
+        assert_eq!(VM_SCRIPTS[1][0].fifo_writes(), [(0, b'v'), (0, b'm'), (0, b'2'), (0, b'a')]);
+    }
+
+    #[test]
+    fn uart_views_compare_register_by_register() {
+        let script = &VM_SCRIPTS[0][0];
+        let after = UartView::after(script);
+        assert_eq!(after, UartView::from_registers([0x1A, LCR_8N1, MCR_VALUE, IER_VALUE, LSR_DATA_READY]));
+        after.compare(&after).unwrap();
+        let power_on = UartView::from_registers([0, 0, 0, 0, LSR_TX_IDLE]);
+        let err = power_on.compare(&after).unwrap_err();
+        for name in ["SCR", "LCR", "MCR", "IER", "LSR"] {
+            assert!(err.contains(name), "{err}");
+        }
+        assert!(after.shows_any_of(script));
+        assert!(!power_on.shows_any_of(script));
+        // Data in the FIFO alone gives the state away.
+        assert!(UartView { lsr: LSR_DATA_READY, ..power_on }.shows_any_of(script));
     }
 
     #[test]

@@ -76,8 +76,9 @@ pub(crate) enum Backing {
     Group {
         /// Held open only: closing it detaches the group from the container.
         _group: OwnedFd,
-        /// Held open only; closed after the group, which must leave it first.
-        _container: OwnedFd,
+        /// Held open only; closed after the group, which must leave it first. Shared by
+        /// every group a VMM put into the same container.
+        _container: Arc<OwnedFd>,
         id: u32,
     },
     Cdev {

@@ -22,6 +22,6 @@ pub mod uapi;
 
 pub use handle::{IommufdBinding, OpenPath, VfioDeviceFd};
 pub use iommufd::{DirtyRead, IommuHwInfo, Iommufd};
-pub use open::{Attach, VfioHost};
+pub use open::{Attach, VfioContainer, VfioHost};
 pub use syscalls::{LinuxSyscalls, Syscalls};
 pub use sysfs::{Bus, Sysfs};

@@ -92,6 +92,13 @@ impl VfioHost {
     /// node opens only once.)
     pub fn open_group_id(&self, group: u32, name: &str) -> Result<VfioDeviceFd, DeviceError> {
         check_device_name(name)?;
+        self.open_container(name)?.open_device(group, name)
+    }
+
+    /// Opens `/dev/vfio/vfio` and checks it offers the type1v2 IOMMU. Several groups may
+    /// join the container, the way a VMM puts every group of one VM into one container;
+    /// `name` only labels the errors.
+    pub fn open_container(&self, name: &str) -> Result<VfioContainer, DeviceError> {
         let sys = &*self.sys;
         let container = self.open_node(name, &self.dev.join("vfio/vfio"))?;
 
@@ -109,45 +116,13 @@ impl VfioHost {
         if has_type1v2 != 1 {
             return Err(open_err(name, Errno::EOPNOTSUPP, "the container lacks VFIO_TYPE1v2_IOMMU"));
         }
-
-        let group_path = self.dev.join(format!("vfio/{group}"));
-        let group_fd = self.open_node(name, &group_path)?;
-        let mut status = GroupStatus { argsz: argsz::<GroupStatus>(), flags: 0 };
-        // SAFETY: VFIO_GROUP_GET_STATUS takes `struct vfio_group_status`, which has no pointers.
-        unsafe { ioctl_with(sys, group_fd.as_fd(), VFIO_GROUP_GET_STATUS, &mut status) }
-            .map_err(|e| open_err(name, e, "VFIO_GROUP_GET_STATUS"))?;
-        if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
-            return Err(open_err(
-                name,
-                Errno::EINVAL,
-                format!("IOMMU group {group} is not viable: bind every device of the group to a VFIO driver"),
-            ));
-        }
-
-        let mut container_fd = container.as_raw_fd().to_ne_bytes();
-        // SAFETY: VFIO_GROUP_SET_CONTAINER reads one int (the container fd) at the pointer.
-        unsafe { sys.ioctl(group_fd.as_fd(), VFIO_GROUP_SET_CONTAINER, IoctlArg::Buffer(&mut container_fd)) }
-            .map_err(|e| open_err(name, e, "VFIO_GROUP_SET_CONTAINER"))?;
-        // SAFETY: VFIO_SET_IOMMU takes the IOMMU type by value.
-        unsafe { sys.ioctl(container.as_fd(), VFIO_SET_IOMMU, IoctlArg::Value(type1v2)) }
-            .map_err(|e| open_err(name, e, "VFIO_SET_IOMMU(VFIO_TYPE1v2_IOMMU)"))?;
-
-        let mut device_name = CString::new(name)
-            .map_err(|_| open_err(name, Errno::EINVAL, "device name contains NUL"))?
-            .into_bytes_with_nul();
-        // SAFETY: VFIO_GROUP_GET_DEVICE_FD reads a NUL-terminated string at the pointer, and
-        // the buffer ends with the NUL.
-        let raw = unsafe {
-            sys.ioctl(group_fd.as_fd(), VFIO_GROUP_GET_DEVICE_FD, IoctlArg::Buffer(&mut device_name))
-        }
-        .map_err(|e| open_err(name, e, format!("VFIO_GROUP_GET_DEVICE_FD in group {group}")))?;
-        // SAFETY: on success VFIO_GROUP_GET_DEVICE_FD returns a new fd that only this
-        // process, and now only this `OwnedFd`, owns (the `Syscalls` contract).
-        let device = unsafe { OwnedFd::from_raw_fd(raw) };
-        let backing = Backing::Group { _group: group_fd, _container: container, id: group };
-        Ok(VfioDeviceFd::new(name.to_string(), self.sys.clone(), device, backing))
+        Ok(VfioContainer {
+            sys: self.sys.clone(),
+            dev: self.dev.clone(),
+            fd: Arc::new(container),
+            iommu_set: false,
+        })
     }
-
     /// Opens `/dev/iommu`.
     pub fn open_iommufd(&self) -> Result<Arc<Iommufd>, DeviceError> {
         Iommufd::open(self.sys.clone(), &self.dev.join("iommu")).map(Arc::new)
@@ -235,6 +210,78 @@ impl VfioHost {
     }
 }
 
+/// A VFIO container (`/dev/vfio/vfio`) with the type1v2 IOMMU, shared by the IOMMU groups
+/// attached to it. The IOMMU is set when the first group joins (the kernel refuses
+/// `VFIO_SET_IOMMU` on a container without a group); later groups join the IOMMU already
+/// set. Every device opened through it keeps the container open.
+pub struct VfioContainer {
+    sys: Arc<dyn Syscalls>,
+    dev: PathBuf,
+    fd: Arc<OwnedFd>,
+    iommu_set: bool,
+}
+
+impl fmt::Debug for VfioContainer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VfioContainer")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("iommu_set", &self.iommu_set)
+            .finish()
+    }
+}
+
+impl VfioContainer {
+    /// Attaches group `group` (`/dev/vfio/<group>`, which must be viable) to this container,
+    /// then `VFIO_GROUP_GET_DEVICE_FD(name)`. The device fd keeps the group and the
+    /// container open.
+    pub fn open_device(&mut self, group: u32, name: &str) -> Result<VfioDeviceFd, DeviceError> {
+        check_device_name(name)?;
+        let sys = &*self.sys;
+        let group_path = self.dev.join(format!("vfio/{group}"));
+        let group_fd = sys
+            .open(&group_path, OPEN_RDWR)
+            .map_err(|errno| open_err(name, errno, format!("open {}", group_path.display())))?;
+        let mut status = GroupStatus { argsz: argsz::<GroupStatus>(), flags: 0 };
+        // SAFETY: VFIO_GROUP_GET_STATUS takes `struct vfio_group_status`, which has no pointers.
+        unsafe { ioctl_with(sys, group_fd.as_fd(), VFIO_GROUP_GET_STATUS, &mut status) }
+            .map_err(|e| open_err(name, e, "VFIO_GROUP_GET_STATUS"))?;
+        if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(open_err(
+                name,
+                Errno::EINVAL,
+                format!("IOMMU group {group} is not viable: bind every device of the group to a VFIO driver"),
+            ));
+        }
+
+        let mut container_fd = self.fd.as_raw_fd().to_ne_bytes();
+        // SAFETY: VFIO_GROUP_SET_CONTAINER reads one int (the container fd) at the pointer.
+        unsafe { sys.ioctl(group_fd.as_fd(), VFIO_GROUP_SET_CONTAINER, IoctlArg::Buffer(&mut container_fd)) }
+            .map_err(|e| open_err(name, e, "VFIO_GROUP_SET_CONTAINER"))?;
+        if !self.iommu_set {
+            let type1v2 = u64::from(VFIO_TYPE1V2_IOMMU);
+            // SAFETY: VFIO_SET_IOMMU takes the IOMMU type by value.
+            unsafe { sys.ioctl(self.fd.as_fd(), VFIO_SET_IOMMU, IoctlArg::Value(type1v2)) }
+                .map_err(|e| open_err(name, e, "VFIO_SET_IOMMU(VFIO_TYPE1v2_IOMMU)"))?;
+            self.iommu_set = true;
+        }
+
+        let mut device_name = CString::new(name)
+            .map_err(|_| open_err(name, Errno::EINVAL, "device name contains NUL"))?
+            .into_bytes_with_nul();
+        // SAFETY: VFIO_GROUP_GET_DEVICE_FD reads a NUL-terminated string at the pointer, and
+        // the buffer ends with the NUL.
+        let raw = unsafe {
+            sys.ioctl(group_fd.as_fd(), VFIO_GROUP_GET_DEVICE_FD, IoctlArg::Buffer(&mut device_name))
+        }
+        .map_err(|e| open_err(name, e, format!("VFIO_GROUP_GET_DEVICE_FD in group {group}")))?;
+        // SAFETY: on success VFIO_GROUP_GET_DEVICE_FD returns a new fd that only this
+        // process, and now only this `OwnedFd`, owns (the `Syscalls` contract).
+        let device = unsafe { OwnedFd::from_raw_fd(raw) };
+        let backing = Backing::Group { _group: group_fd, _container: self.fd.clone(), id: group };
+        Ok(VfioDeviceFd::new(name.to_string(), self.sys.clone(), device, backing))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -293,6 +340,46 @@ mod tests {
         let fd = device.as_fd().as_raw_fd();
         assert!(fd != container && fd != group);
         assert_eq!(device.state().unwrap(), State::Running);
+    }
+
+    /// A VMM's view: the groups of one VM in one container, whose IOMMU is set once, when
+    /// the first group joins; every device keeps the shared container open.
+    #[test]
+    fn groups_of_one_vm_share_a_container_whose_iommu_is_set_once() {
+        const SECOND: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa2001";
+        let kernel =
+            Arc::new(FakeKernel::with_device(FakeVfioDevice::new(Caps::MIGRATABLE[3], State::Running)));
+        let host = VfioHost::new(kernel.clone(), Sysfs::at("/nonexistent"), "/dev");
+        let mut container = host.open_container("vm1").unwrap();
+        let first = container.open_device(12, UUID).unwrap();
+        let second = container.open_device(13, SECOND).unwrap();
+        assert_eq!(first.open_path(), OpenPath::Group { group: 12 });
+        assert_eq!(second.open_path(), OpenPath::Group { group: 13 });
+
+        let calls = kernel.calls();
+        let shared = opened_fd(&calls, "/dev/vfio/vfio");
+        let opens = calls.iter().filter(|c| matches!(c, Call::Open { .. })).count();
+        assert_eq!(opens, 3, "one container, two groups: {calls:?}");
+        let joined: Vec<_> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Ioctl { fd, request: 0x3B68, sent: Sent::Bytes(b) } => Some((*fd, b.clone())),
+                _ => None,
+            })
+            .collect();
+        let groups = [opened_fd(&calls, "/dev/vfio/12"), opened_fd(&calls, "/dev/vfio/13")];
+        assert_eq!(
+            joined,
+            groups.map(|group| (group, shared.to_ne_bytes().to_vec())),
+            "both groups join the one container"
+        );
+        let set_iommu: Vec<_> =
+            calls.iter().filter(|c| matches!(c, Call::Ioctl { request: 0x3B66, .. })).collect();
+        assert_eq!(set_iommu, [&Call::Ioctl { fd: shared, request: 0x3B66, sent: Sent::Value(3) }]);
+
+        // The devices outlive the container handle they came from.
+        drop(container);
+        assert_eq!(second.state().unwrap(), State::Running);
     }
 
     #[test]

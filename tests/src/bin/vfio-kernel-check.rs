@@ -21,52 +21,11 @@ use vfio_migd::device::{
 use vfio_migd::fsm::{self, Caps, Session, State};
 use vfio_migd::vfio::{OpenPath, VfioHost};
 use vfio_migd_tests::mtty::{self, MttyType, PORT_SCRIPTS, PortScript, reg};
+use vfio_migd_tests::report::{Report, ensure};
 
 /// Ceiling on any stream read here: mtty images are under 100 bytes, so reading more
 /// means the driver never reports the end.
 const MAX_STREAM: usize = 4096;
-
-/// The running tally; every check prints its own line as it completes.
-#[derive(Default)]
-struct Report {
-    passed: usize,
-    failed: usize,
-}
-
-impl Report {
-    fn check(&mut self, name: &str, outcome: Result<(), String>) -> bool {
-        match outcome {
-            Ok(()) => {
-                self.passed += 1;
-                println!("ok {name}");
-                true
-            }
-            Err(why) => {
-                self.failed += 1;
-                println!("FAIL {name}: {why}");
-                false
-            }
-        }
-    }
-
-    /// Records `outcome` and hands its value on, so a failed step ends its scenario.
-    fn step<T>(&mut self, name: &str, outcome: Result<T, String>) -> Option<T> {
-        match outcome {
-            Ok(value) => {
-                self.check(name, Ok(()));
-                Some(value)
-            }
-            Err(why) => {
-                self.check(name, Err(why));
-                None
-            }
-        }
-    }
-}
-
-fn ensure(condition: bool, why: impl FnOnce() -> String) -> Result<(), String> {
-    if condition { Ok(()) } else { Err(why()) }
-}
 
 fn show(err: DeviceError) -> String {
     err.to_string()
@@ -475,6 +434,6 @@ fn main() -> ExitCode {
             check_type(&mut report, *mtty, uuids);
         }
     }
-    println!("{} passed, {} failed", report.passed, report.failed);
+    println!("{}", report.summary());
     if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
