@@ -47,7 +47,7 @@ const GROUP: &str = "vm1";
 /// Per-phase timeout given to `vfio-migctl migrate`; TCG is slow, but a phase of these
 /// tiny streams takes well under a second.
 const PHASE_TIMEOUT_MS: &str = "60000";
-/// How long a daemon may take to start serving (TCG, first page-ins of a static binary).
+/// How long a daemon may take to start serving (TCG, first page-ins of a large binary).
 const DAEMON_READY: Duration = Duration::from_secs(120);
 /// How long a daemon may take to stop after SIGTERM.
 const DAEMON_STOP: Duration = Duration::from_secs(60);
@@ -304,7 +304,7 @@ impl Daemon {
         fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
         let control = home.join("control.sock");
         let handoff = home.join("handoff.sock");
-        // A static glibc binary cannot resolve names in the guest: IP literals only.
+        // The guest has no resolver configuration (no /etc/hosts, no NSS modules): IP literals only.
         let peer = format!("127.0.0.1:{}", free_port());
         let config = format!(
             "state_dir = \"{state}\"\n[control]\nsocket = \"{control}\"\n[handoff]\nsocket = \"{handoff}\"\n\
