@@ -201,7 +201,12 @@ impl DirtySource for IommufdHwptSource {
         }
     }
 
-    fn report(&mut self, group: &mut DirtyBitmap, window_bytes: usize) -> Result<SourceReport, DeviceError> {
+    fn report(
+        &mut self,
+        group: &mut DirtyBitmap,
+        window_bytes: usize,
+        progress: &mut SourceReport,
+    ) -> Result<(), DeviceError> {
         let (hwpt, name, page_size) = (&self.hwpt, &self.name, self.page_size);
         report_windows(
             group,
@@ -209,6 +214,7 @@ impl DirtySource for IommufdHwptSource {
             page_size,
             window_bytes,
             &mut self.scratch,
+            progress,
             |iova, length, words| hwpt.get_dirty_bitmap(iova, length, page_size, words, DirtyRead::Clear),
             |e| DeviceError::os(name, Op::IommufdGetDirtyBitmap, Errno::EINVAL).with_detail(e.to_string()),
         )

@@ -134,9 +134,15 @@ pub trait DirtySource: Send + fmt::Debug {
     fn start(&mut self, request: &StartRequest<'_>) -> Result<SourceStart, DeviceError>;
 
     /// Reads and clears the log since the last report into `group`, in calls of at most
-    /// `window_bytes` of bitmap each. After an error the log is lost; the tracker marks
-    /// the source's whole range dirty and restarts it.
-    fn report(&mut self, group: &mut DirtyBitmap, window_bytes: usize) -> Result<SourceReport, DeviceError>;
+    /// `window_bytes` of bitmap each, counting into `progress` as it goes (so a failure
+    /// part-way still accounts for the windows already read). After an error the log is
+    /// lost; the tracker marks the source's whole range dirty and restarts it.
+    fn report(
+        &mut self,
+        group: &mut DirtyBitmap,
+        window_bytes: usize,
+        progress: &mut SourceReport,
+    ) -> Result<(), DeviceError>;
 
     /// Stops tracking (idempotent).
     fn stop(&mut self) -> Result<(), DeviceError>;
@@ -255,7 +261,12 @@ impl DirtySource for DmaLoggingSource {
         }
     }
 
-    fn report(&mut self, group: &mut DirtyBitmap, window_bytes: usize) -> Result<SourceReport, DeviceError> {
+    fn report(
+        &mut self,
+        group: &mut DirtyBitmap,
+        window_bytes: usize,
+        progress: &mut SourceReport,
+    ) -> Result<(), DeviceError> {
         let device = &self.device;
         report_windows(
             group,
@@ -263,6 +274,7 @@ impl DirtySource for DmaLoggingSource {
             self.page_size,
             window_bytes,
             &mut self.scratch,
+            progress,
             |iova, length, words| device.dma_logging_report(iova, length, self.page_size, words),
             |e| {
                 DeviceError::os(device.name(), Op::DmaLoggingReport, Errno::EINVAL).with_detail(e.to_string())
@@ -277,21 +289,22 @@ impl DirtySource for DmaLoggingSource {
 
 /// Reads `ranges` (each aligned to `page_size`) into `group` with `read(iova, length,
 /// words)`, one call per window of at most `window_bytes` of bitmap, each window a
-/// multiple of 64 pages from its range's start. A window that lines up with the group's
-/// words is read straight into them; any other into `scratch` (reused, zeroed per
-/// window), then expanded or folded into the group's pages.
+/// multiple of 64 pages from its range's start, counting into `report`. A window that
+/// lines up with the group's words is read straight into them; any other into `scratch`
+/// (reused, zeroed per window), then expanded or folded into the group's pages.
+#[allow(clippy::too_many_arguments, reason = "one caller per source kind, each naming every part")]
 pub(crate) fn report_windows(
     group: &mut DirtyBitmap,
     ranges: &[IovaRange],
     page_size: u64,
     window_bytes: usize,
     scratch: &mut Vec<u64>,
+    report: &mut SourceReport,
     mut read: impl FnMut(u64, u64, &mut [u64]) -> Result<(), DeviceError>,
     merge_failed: impl Fn(BitmapError) -> DeviceError,
-) -> Result<SourceReport, DeviceError> {
+) -> Result<(), DeviceError> {
     let window_pages = (window_bytes / 8).max(1) as u64 * 64;
     let window_length = window_pages.saturating_mul(page_size);
-    let mut report = SourceReport::default();
     for range in ranges {
         let mut iova = range.iova;
         while iova < range.end() {
@@ -315,7 +328,7 @@ pub(crate) fn report_windows(
             iova += length;
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Whether, and how, a source's devices are tracked.
@@ -622,10 +635,12 @@ impl DirtyTracker {
             max_ranges: self.config.max_ranges,
         };
         for slot in &mut self.slots {
+            let mut progress = SourceReport::default();
             let outcome = match &slot.stats.coverage {
                 Coverage::Tracking { .. } => {
                     let started = Instant::now();
-                    let result = slot.source.report(&mut self.bitmap, self.config.report_window_bytes);
+                    let window_bytes = self.config.report_window_bytes;
+                    let result = slot.source.report(&mut self.bitmap, window_bytes, &mut progress);
                     slot.stats.last_report_latency = Some(started.elapsed());
                     result.map_err(|error| {
                         slot.stats.report_errors += 1;
@@ -637,21 +652,16 @@ impl DirtyTracker {
                 Coverage::Lost { .. } => Err("log lost in an earlier round".to_owned()),
                 Coverage::Idle | Coverage::NotCovered { .. } => continue,
             };
+            // Windows read before a failure count too: their pages are in the bitmap.
+            slot.stats.windows += progress.windows;
+            slot.stats.windows_in_place += progress.windows_in_place;
+            slot.stats.last_dirty_pages = progress.new_dirty_pages;
+            slot.stats.dirty_pages_found += progress.new_dirty_pages;
             match outcome {
-                Ok(report) => {
-                    slot.stats.reports += 1;
-                    slot.stats.windows += report.windows;
-                    slot.stats.windows_in_place += report.windows_in_place;
-                    slot.stats.last_dirty_pages = report.new_dirty_pages;
-                    slot.stats.dirty_pages_found += report.new_dirty_pages;
-                    round.new_dirty_pages += report.new_dirty_pages;
-                }
-                Err(cause) => {
-                    let lost = recover_lost_log(slot, &mut self.bitmap, &request, cause);
-                    round.new_dirty_pages += slot.stats.last_dirty_pages;
-                    round.lost.push(lost);
-                }
+                Ok(()) => slot.stats.reports += 1,
+                Err(cause) => round.lost.push(recover_lost_log(slot, &mut self.bitmap, &request, cause)),
             }
+            round.new_dirty_pages += slot.stats.last_dirty_pages;
         }
         round.elapsed = round_started.elapsed();
         Ok(round)
@@ -736,7 +746,7 @@ fn recover_lost_log(
 ) -> LostLog {
     let ranges = slot.tracked_ranges().to_vec();
     let newly_dirty: u64 = ranges.iter().map(|r| bitmap.mark(r.iova, r.length)).sum();
-    slot.stats.last_dirty_pages = newly_dirty;
+    slot.stats.last_dirty_pages += newly_dirty;
     slot.stats.dirty_pages_found += newly_dirty;
     tracing::warn!(source = slot.stats.name, %cause, "dirty log lost; whole range marked dirty");
     let restart = slot.source.stop().and_then(|()| {

@@ -237,16 +237,19 @@ fn a_lost_hwpt_read_marks_its_range_dirty_and_restarts_clean() {
     let config = TrackerConfig { report_window_bytes: 64, ..TrackerConfig::default() };
     let mut tracker = tracker_of(&[&dev], &GUEST, config);
     tracker.start().unwrap();
-    // The second 2 MiB window fails, with the write in it unread.
+    // The first 2 MiB window is read, the second fails with the write in it unread.
+    dev.dma_write(MIB, 1);
     dev.dma_write(3 * MIB, 1);
     dev.inject(Fault::errno(FaultOp::HwptGetDirtyBitmap, Errno::EIO).nth(2));
     let round = tracker.report().unwrap();
     assert_eq!(round.lost.len(), 1);
     assert_eq!(round.lost[0].name, VM1);
     assert!(round.lost[0].restarted, "{:?}", round.lost[0]);
-    assert_eq!(round.new_dirty_pages, tracker.bitmap().pages());
+    assert_eq!(tracker.bitmap().count(), tracker.bitmap().pages());
+    assert_eq!(round.new_dirty_pages, tracker.bitmap().pages(), "the page read before the failure counts");
     let stats = stats_of(&tracker, VM1);
     assert_eq!((stats.report_errors, stats.last_error.as_ref().unwrap().errno), (1, Errno::EIO));
+    assert_eq!((stats.windows, stats.last_dirty_pages), (2, tracker.bitmap().pages()));
     assert_eq!(stats.coverage_source(), "iommufd-hwpt");
 
     // The restart enabled tracking again, which started from clean bits: the next round
