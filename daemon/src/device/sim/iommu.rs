@@ -57,7 +57,8 @@ pub struct SimIommu {
 struct Objects {
     last_id: u32,
     table: BTreeMap<u32, Object>,
-    by_name: BTreeMap<String, u32>,
+    /// The paging HWPTs devices name, with their ids.
+    by_name: BTreeMap<String, (u32, Arc<SimHwpt>)>,
 }
 
 #[derive(Debug)]
@@ -84,27 +85,24 @@ impl SimIommu {
     /// identically.
     pub(crate) fn hwpt(&self, spec: &IommuSpec) -> Result<(u32, Arc<SimHwpt>), String> {
         let mut objects = lock(&self.objects);
-        if let Some(&id) = objects.by_name.get(&spec.hwpt) {
-            let Some(Object::Paging(hwpt)) = objects.table.get(&id) else {
-                unreachable!("named objects are paging HWPTs")
-            };
+        if let Some((id, hwpt)) = objects.by_name.get(&spec.hwpt) {
             if hwpt.spec != *spec {
                 return Err(format!(
                     "HWPT `{}` is already described differently by another device: {:?}",
                     spec.hwpt, hwpt.spec
                 ));
             }
-            return Ok((id, Arc::clone(hwpt)));
+            return Ok((*id, Arc::clone(hwpt)));
         }
         let hwpt = Arc::new(SimHwpt::new(spec.clone()));
         let id = objects.insert(Object::Paging(Arc::clone(&hwpt)));
-        objects.by_name.insert(spec.hwpt.clone(), id);
+        objects.by_name.insert(spec.hwpt.clone(), (id, Arc::clone(&hwpt)));
         Ok((id, hwpt))
     }
 
     /// The id of the HWPT named `name`.
     pub fn hwpt_id(&self, name: &str) -> Option<u32> {
-        lock(&self.objects).by_name.get(name).copied()
+        lock(&self.objects).by_name.get(name).map(|(id, _)| *id)
     }
 
     /// `IOMMU_HWPT_ALLOC` of a nested HWPT over the paging HWPT `parent`.
@@ -118,8 +116,8 @@ impl SimIommu {
 
     /// Whether the HWPT named `name` is tracking dirty pages.
     pub fn dirty_tracking_enabled(&self, name: &str) -> Option<bool> {
-        let id = self.hwpt_id(name)?;
-        self.paging(id).ok().map(|hwpt| hwpt.state().tracking)
+        let hwpt = lock(&self.objects).by_name.get(name).map(|(_, hwpt)| Arc::clone(hwpt))?;
+        Some(hwpt.state().tracking)
     }
 
     /// `iommufd_get_hwpt_paging()`: ENOENT for unknown ids and for non-paging HWPTs.
