@@ -156,9 +156,10 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind")]
 pub enum DeviceConfig {
-    /// A simulated device (tests, demos); see `SimSpec` for its keys.
+    /// A simulated device (tests, demos); see `SimSpec` for its keys. Boxed: a spec is
+    /// several times larger than the other variants.
     #[serde(rename = "sim")]
-    Sim(SimSpec),
+    Sim(Box<SimSpec>),
     /// A device opened through the legacy group/container path by its sysfs name
     /// (PCI BDF or mdev UUID).
     #[serde(rename = "vfio-group")]

@@ -220,8 +220,9 @@ async fn accept(daemon: &Arc<Daemon>, line: &[u8], fd: OwnedFd) -> Result<String
     };
     let name = request.name.clone();
     let identity = request.identity.clone();
+    let sim_iommu = daemon.registry.sim_iommu().clone();
     let (device, summary) = tokio::task::spawn_blocking(move || {
-        let device = open::open_handed_over_device(&name, handover, identity.as_ref())?;
+        let device = open::open_handed_over_device(&name, handover, identity.as_ref(), &sim_iommu)?;
         let summary = DeviceSummary::of(device.as_ref());
         Ok::<_, crate::device::DeviceError>((device, summary))
     })

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::device::MigrationDevice;
+use crate::device::sim::SimIommu;
 
 /// How the daemon came to hold a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +74,9 @@ struct Inner {
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// The simulated IOMMU of this daemon's simulated devices: HWPTs they name are shared
+    /// between them, never with another daemon's.
+    sim_iommu: Arc<SimIommu>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -106,6 +110,11 @@ impl Registry {
         // A panic while holding this lock cannot leave the maps half-updated (every
         // mutation is a single insert/remove), so a poisoned lock is still consistent.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The simulated IOMMU simulated devices of this daemon are opened on.
+    pub fn sim_iommu(&self) -> &Arc<SimIommu> {
+        &self.sim_iommu
     }
 
     pub fn add_device(

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 use vfio_migd::api::peer::PeerService;
 use vfio_migd::config::Config;
-use vfio_migd::device::sim::{Fault, FaultOp, SimDevice, SimSpec};
+use vfio_migd::device::sim::{Fault, FaultOp, IommuSpec, SimDevice, SimSpec};
 use vfio_migd::device::{IovaRange, MigrationDevice};
 use vfio_migd::dirty::DirtyExport;
 use vfio_migd::engine::dirty::DirtyTrackingStatus;
@@ -61,7 +61,7 @@ async fn side(specs: Vec<SimSpec>) -> Side {
     let registry = Arc::new(Registry::default());
     let mut devices = Vec::new();
     for spec in specs {
-        let device = Arc::new(SimDevice::new(spec).unwrap());
+        let device = Arc::new(SimDevice::with_iommu(spec, registry.sim_iommu()).unwrap());
         registry.add_device(device.clone() as Arc<dyn MigrationDevice>, Backend::Sim).unwrap();
         devices.push(device);
     }
@@ -192,6 +192,78 @@ async fn dirty_pages_are_exactly_the_union_of_the_devices_writes_since_the_last_
     assert!(!again.active && again.devices.is_empty());
     assert!(!side.daemon.dirty_tracking("vm").await.unwrap().active);
     assert!(matches!(side.daemon.dirty_pages("vm").await, Err(EngineError::FailedPrecondition(_))));
+}
+
+/// A device with DMA logging (also attached to `vm1`), one tracked only by the IOMMU
+/// (`vm1`), one on a HWPT without dirty tracking (`vm2`) and one with neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_without_logging_are_tracked_by_their_hwpt_and_each_reports_its_source() {
+    let mut logging = sim("h-log", true, 1);
+    logging.iommu = Some(IommuSpec::new("vm1"));
+    let mut virtio = sim("h-virtio", false, 2);
+    virtio.iommu = Some(IommuSpec::new("vm1"));
+    let mut qat = sim("h-qat", false, 3);
+    qat.iommu = Some(IommuSpec { dirty_tracking: false, ..IommuSpec::new("vm2") });
+    let uart = sim("h-uart", false, 4);
+    let side = side(vec![logging, virtio, qat, uart]).await;
+    side.daemon
+        .registry
+        .define_group(GroupDef {
+            name: "vm".into(),
+            devices: side.devices.iter().map(|d| d.name().to_owned()).collect(),
+            allow_multiple_non_p2p: false,
+        })
+        .unwrap();
+    let [logging, virtio, qat, uart] = &side.devices[..] else { unreachable!() };
+    let iommu = side.daemon.registry.sim_iommu();
+
+    let status = side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    let sources: Vec<(&str, &str)> = status.devices.iter().map(|d| (d.device.as_str(), d.source)).collect();
+    assert_eq!(
+        sources,
+        [("h-log", "dma-logging"), ("h-virtio", "iommufd-hwpt"), ("h-qat", "none"), ("h-uart", "none")]
+    );
+    let hwpt = coverage(&status, "h-virtio");
+    assert_eq!((hwpt.page_size, hwpt.reason.as_deref()), (Some(PAGE), None));
+    let no_ops = coverage(&status, "h-qat").reason.as_deref().unwrap();
+    assert!(no_ops.contains("cannot track dirty pages") && no_ops.contains("EOPNOTSUPP"), "{no_ops}");
+    assert!(coverage(&status, "h-uart").reason.as_deref().unwrap().contains("DMA logging"));
+    assert!(logging.dma_logging_active());
+    assert_eq!(iommu.dirty_tracking_enabled("vm1"), Some(true));
+    assert_eq!(iommu.dirty_tracking_enabled("vm2"), Some(false));
+
+    // The logging device is seen by both its log and the tracked HWPT it shares; the
+    // union is still exactly what the covered devices wrote.
+    let log_writes = [(0x1000, 1), (5 * MIB + 100, 3 * PAGE), (GIB + 7, 1)];
+    let virtio_writes = [(0x1000, 8), (40 * MIB, 2 * PAGE), (GIB + 15 * MIB, MIB), (2 * GIB, PAGE)];
+    for &(iova, length) in &log_writes {
+        logging.dma_write(iova, length);
+    }
+    for &(iova, length) in &virtio_writes {
+        virtio.dma_write(iova, length);
+    }
+    qat.dma_write(20 * MIB, PAGE);
+    uart.dma_write(30 * MIB, PAGE);
+    let first = side.daemon.dirty_pages("vm").await.unwrap();
+    let mut model = model_pages(&log_writes);
+    model.extend(model_pages(&virtio_writes));
+    assert_eq!(exported_pages(&first), model);
+
+    let again = [(GIB + MIB, 2 * PAGE)];
+    virtio.dma_write(again[0].0, again[0].1);
+    assert_eq!(exported_pages(&side.daemon.dirty_pages("vm").await.unwrap()), model_pages(&again));
+
+    let status = side.daemon.dirty_tracking("vm").await.unwrap();
+    let virtio_only: BTreeSet<u64> =
+        model_pages(&virtio_writes).difference(&model_pages(&log_writes)).copied().collect();
+    let hwpt = coverage(&status, "h-virtio");
+    assert_eq!(hwpt.dirty_pages, virtio_only.len() as u64 + 2);
+    assert_eq!(hwpt.reports, 2);
+
+    let stopped = side.daemon.stop_dirty_tracking("vm").await.unwrap();
+    assert!(!stopped.active);
+    assert_eq!(iommu.dirty_tracking_enabled("vm1"), Some(false));
+    assert!(!logging.dma_logging_active());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,7 @@ impl pb::control_server::Control for ControlService {
             Some(Source::Simulated(spec)) => Some(sim_spec_from_proto(&name, spec)?),
             _ => None,
         };
+        let sim_iommu = self.daemon.registry.sim_iommu().clone();
         let opened = tokio::task::spawn_blocking(move || match (req.source, sim) {
             (Some(Source::SysfsDevice(sysfs_device)), _) => {
                 let source = RealDevice::Group { sysfs_device };
@@ -99,7 +100,7 @@ impl pb::control_server::Control for ControlService {
                 open::open_real_device(&name, &source).map(|d| (d, source.backend()))
             }
             (Some(Source::Simulated(_)), Some(spec)) => {
-                open::open_sim_device(spec).map(|d| (d, Backend::Sim))
+                open::open_sim_device(spec, &sim_iommu).map(|d| (d, Backend::Sim))
             }
             (Some(Source::Simulated(_)), None) | (None, _) => {
                 Err(DeviceError::os(&name, Op::Open, Errno::EINVAL)

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 
+use crate::dirty::HwptDirty;
 use crate::fsm::{self, Caps, FsmError, State};
 pub use crate::vfio::errno::ErrorKind;
 
@@ -358,6 +359,14 @@ pub trait MigrationDevice: Send + Sync + fmt::Debug {
 
     /// `VFIO_DEVICE_RESET`: back to RUNNING, every session and data_fd disabled.
     fn reset(&self) -> Result<(), DeviceError>;
+
+    /// The IOMMU HWPT with dirty tracking this device is attached to, if any: the dirty
+    /// source for a device without DMA logging. Devices attached to the same HWPT return
+    /// handles with equal [`HwptKey`](crate::dirty::HwptKey)s. `None` by default (group
+    /// and inherited fds, automatic HWPTs).
+    fn dirty_tracking_hwpt(&self) -> Option<Arc<dyn HwptDirty>> {
+        None
+    }
 
     /// A digest of the device's migratable state, where the backend can compute one
     /// without disturbing the device (the simulator can; a real device cannot, so the

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 
-use super::sim::{SimDevice, SimSpec, SimSpecError};
+use super::sim::{SimDevice, SimIommu, SimSpec, SimSpecError};
 use super::vfio::{VfioDevice, sysfs_identity};
 use super::{DataFd, DeviceError, DeviceIdentity, IovaRange, MigrationDevice, Op, PrecopyInfo};
 use crate::config::DeviceConfig;
@@ -106,10 +106,14 @@ fn cdev_sysfs_name(host: &VfioHost, name: &str, cdev: &Path) -> Result<String, D
     link_basename(name, &link)
 }
 
-/// Creates a simulated device: the single place where the simulator is instantiated.
-pub fn open_sim_device(spec: SimSpec) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
+/// Creates a simulated device on the daemon's simulated IOMMU `iommu`: the single place
+/// where the simulator is instantiated.
+pub fn open_sim_device(
+    spec: SimSpec,
+    iommu: &Arc<SimIommu>,
+) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
     let name = spec.name.clone();
-    match SimDevice::new(spec) {
+    match SimDevice::with_iommu(spec, iommu) {
         Ok(device) => Ok(Arc::new(device)),
         Err(SimSpecError::ArcLog { path, source, .. }) => {
             Err(io_open_error(&name, &source, format!("arc log {}", path.display())))
@@ -118,11 +122,18 @@ pub fn open_sim_device(spec: SimSpec) -> Result<Arc<dyn MigrationDevice>, Device
     }
 }
 
-/// Opens whatever a `[[device]]` table of the configuration names.
-pub fn open_configured(config: &DeviceConfig) -> Result<OpenedDevice, DeviceError> {
+/// Opens whatever a `[[device]]` table of the configuration names (a simulated device on
+/// `sim_iommu`).
+pub fn open_configured(
+    config: &DeviceConfig,
+    sim_iommu: &Arc<SimIommu>,
+) -> Result<OpenedDevice, DeviceError> {
     let source = match config {
         DeviceConfig::Sim(spec) => {
-            return Ok(OpenedDevice { device: open_sim_device(spec.clone())?, backend: Backend::Sim });
+            return Ok(OpenedDevice {
+                device: open_sim_device(SimSpec::clone(spec), sim_iommu)?,
+                backend: Backend::Sim,
+            });
         }
         DeviceConfig::Group { sysfs_device, .. } => RealDevice::Group { sysfs_device: sysfs_device.clone() },
         DeviceConfig::Cdev { path, .. } => RealDevice::Cdev { path: path.clone() },
@@ -206,10 +217,12 @@ pub enum Handover {
 /// VFIO device fd, then adopted by the VFIO backend (which checks it with
 /// `VFIO_DEVICE_GET_INFO`). `identity` names the device where the fd alone cannot (a
 /// group device fd carries no sysfs path); where the device can tell, they must agree.
+/// A simulated device is opened on `sim_iommu`.
 pub fn open_handed_over_device(
     name: &str,
     handover: Handover,
     identity: Option<&DeviceIdentity>,
+    sim_iommu: &Arc<SimIommu>,
 ) -> Result<Arc<dyn MigrationDevice>, DeviceError> {
     let mismatch = |expected: &DeviceIdentity, actual: &DeviceIdentity| {
         DeviceError::os(name, Op::Open, Errno::EINVAL)
@@ -238,7 +251,7 @@ pub fn open_handed_over_device(
             Ok(Arc::new(VfioDevice::from_inherited(&host, name, fd, identity)?))
         }
         Handover::Sim { spec, anchor } => {
-            let device = open_sim_device(*spec)?;
+            let device = open_sim_device(*spec, sim_iommu)?;
             if let Some(expected) = identity {
                 let actual = device.identity();
                 if &actual != expected {
@@ -303,6 +316,9 @@ impl MigrationDevice for Anchored {
     }
     fn content_digest(&self) -> Option<String> {
         self.device.content_digest()
+    }
+    fn dirty_tracking_hwpt(&self) -> Option<Arc<dyn crate::dirty::HwptDirty>> {
+        self.device.dirty_tracking_hwpt()
     }
 }
 
@@ -378,7 +394,7 @@ pub fn open_all_configured(
             kind: config_kind(config),
             error,
         };
-        let opened = open_configured(config).map_err(|e| fail(e.to_string()))?;
+        let opened = open_configured(config, registry.sim_iommu()).map_err(|e| fail(e.to_string()))?;
         let summary = DeviceSummary::of(opened.device.as_ref());
         registry.add_device(opened.device, opened.backend).map_err(|e| fail(e.to_string()))?;
         found.push(summary);

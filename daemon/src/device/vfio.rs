@@ -3,13 +3,15 @@
 //!
 //! All checks the trait demands (FSM refusal before the kernel, state after a failed SET,
 //! bitmap sizing) live in [`VfioDeviceFd`]; this type only names the device and forwards.
-//! Operations outside the trait (BAR access, low power, PRECOPY_INFOv2 opt-in, iommufd
-//! dirty tracking) are reached through [`VfioDevice::handle`].
+//! Operations outside the trait (BAR access, low power, PRECOPY_INFOv2 opt-in) are
+//! reached through [`VfioDevice::handle`]; a cdev device's dirty-tracking HWPT through
+//! [`MigrationDevice::dirty_tracking_hwpt`].
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::{DataFd, DeviceError, DeviceIdentity, IovaRange, MigrationDevice, PrecopyInfo};
+use crate::dirty::{HwptDirty, IommufdHwpt};
 use crate::fsm::{Caps, State};
 use crate::vfio::sysfs::{link_basename, read_attribute};
 use crate::vfio::{Attach, Bus, Iommufd, Sysfs, VfioDeviceFd, VfioHost};
@@ -131,6 +133,15 @@ impl MigrationDevice for VfioDevice {
 
     fn reset(&self) -> Result<(), DeviceError> {
         self.handle.reset()
+    }
+
+    /// The HWPT of a cdev-opened device, when it was allocated with dirty tracking
+    /// ([`Attach::DirtyTrackingHwpt`]); automatic HWPTs have no dirty ops.
+    fn dirty_tracking_hwpt(&self) -> Option<Arc<dyn HwptDirty>> {
+        let (iommufd, binding) = self.handle.iommufd()?;
+        binding
+            .dirty_tracking
+            .then(|| Arc::new(IommufdHwpt::new(Arc::clone(iommufd), binding.hwpt_id)) as Arc<dyn HwptDirty>)
     }
 }
 

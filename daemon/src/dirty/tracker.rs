@@ -2,9 +2,10 @@
 //! the group bitmap, stop them all.
 //!
 //! A [`DirtySource`] is whatever observes some devices' DMA writes: a device's own DMA
-//! logging ([`DmaLoggingSource`], one per device) or, later, an iommufd HWPT with dirty
-//! tracking (one source for every device attached to it). The tracker does not care which;
-//! it owns the group [`DirtyBitmap`], the start/stop atomicity and the recovery rules:
+//! logging ([`DmaLoggingSource`], one per device) or an iommufd HWPT with dirty tracking
+//! ([`IommufdHwptSource`], one for every device of the group attached to it). The tracker
+//! does not care which; it owns the group [`DirtyBitmap`], the start/stop atomicity and the
+//! recovery rules:
 //!
 //! - **start** is all or nothing: a source that cannot track (ENOTTY/EOPNOTSUPP) is
 //!   recorded as not covered, with the reason, and is not a failure; any other failure
@@ -24,6 +25,21 @@
 //! straight into the group's words; otherwise into a reused scratch buffer that is then
 //! expanded or folded into the group's pages.
 //!
+//! **Which source tracks a device** ([`DirtyTracker::for_devices`]) is decided per device:
+//! its own DMA logging when its PROBE says it has some; otherwise the HWPT it is attached
+//! to, if that HWPT was allocated with dirty tracking; otherwise it is not covered, with
+//! the reason. QEMU decides for the whole VM instead: device logging when every device
+//! supports it, IOMMU tracking for all of them otherwise — its dirty tracking is one switch
+//! per container. Deciding per device keeps what each choice is good at: device logging
+//! sees only the device's own writes, in the ranges and at the granularity the driver
+//! offers, and costs the IOMMU nothing; IOMMU tracking is the only way to cover devices
+//! without logging (virtio, qat, hisi, xe), but it slows every device on the HWPT (A/D
+//! updates, an IOTLB flush per read) and marks whole huge IOPTEs. A group that mixes
+//! vendors would otherwise lose either the precision of its logging devices or the
+//! coverage of the others — and devices opened through the group/container path have no
+//! HWPT at all. A logging device that shares a tracked HWPT is seen by both sources; the
+//! group bitmap is their union, which is still exact for every write.
+//!
 //! Every call blocks on device ioctls: run the tracker on a blocking thread.
 
 use std::fmt;
@@ -34,7 +50,10 @@ use nix::errno::Errno;
 
 use crate::device::{DeviceError, ErrorKind, IovaRange, MigrationDevice, Op};
 use crate::dirty::bitmap::{BitmapError, DEFAULT_PAGE_SIZE, DirtyBitmap, DirtyExport};
-use crate::dirty::ranges::{KERNEL_MAX_RANGES, MIN_LOGGING_PAGE_SIZE, RangeError, plan_logging_ranges};
+use crate::dirty::hwpt::IommufdHwptSource;
+use crate::dirty::ranges::{
+    KERNEL_MAX_RANGES, MIN_LOGGING_PAGE_SIZE, RangeError, normalize, plan_logging_ranges,
+};
 
 /// Bitmap bytes per `DMA_LOGGING_REPORT` call: the kernel pins at most 2 MiB of user
 /// bitmap per window anyway (512 pages of page pointers), i.e. 64 GiB of IOVA at 4 KiB.
@@ -68,6 +87,9 @@ pub struct StartRequest<'a> {
     /// The group bitmap's ranges: the guest's IOVA layout, aligned to `page_size`,
     /// sorted and separated.
     pub ranges: &'a [IovaRange],
+    /// The guest's IOVA layout as given, aligned outward to 4 KiB only, sorted and
+    /// merged: what the IOAS maps, so what an IOMMU read may cover.
+    pub guest_ranges: &'a [IovaRange],
     /// The group bitmap's granularity.
     pub page_size: u64,
     /// Most ranges to offer a device at once.
@@ -112,9 +134,15 @@ pub trait DirtySource: Send + fmt::Debug {
     fn start(&mut self, request: &StartRequest<'_>) -> Result<SourceStart, DeviceError>;
 
     /// Reads and clears the log since the last report into `group`, in calls of at most
-    /// `window_bytes` of bitmap each. After an error the log is lost; the tracker marks
-    /// the source's whole range dirty and restarts it.
-    fn report(&mut self, group: &mut DirtyBitmap, window_bytes: usize) -> Result<SourceReport, DeviceError>;
+    /// `window_bytes` of bitmap each, counting into `progress` as it goes (so a failure
+    /// part-way still accounts for the windows already read). After an error the log is
+    /// lost; the tracker marks the source's whole range dirty and restarts it.
+    fn report(
+        &mut self,
+        group: &mut DirtyBitmap,
+        window_bytes: usize,
+        progress: &mut SourceReport,
+    ) -> Result<(), DeviceError>;
 
     /// Stops tracking (idempotent).
     fn stop(&mut self) -> Result<(), DeviceError>;
@@ -130,11 +158,22 @@ pub struct DmaLoggingSource {
     /// Report buffer for windows that cannot go straight into the group bitmap; reused
     /// (and zeroed) across windows and rounds.
     scratch: Vec<u64>,
+    /// A PROBE answer already obtained, used by the next start instead of asking again.
+    probed: Option<Result<bool, DeviceError>>,
 }
 
 impl DmaLoggingSource {
     pub fn new(device: Arc<dyn MigrationDevice>) -> DmaLoggingSource {
-        DmaLoggingSource { device, page_size: 0, ranges: Vec::new(), scratch: Vec::new() }
+        DmaLoggingSource { device, page_size: 0, ranges: Vec::new(), scratch: Vec::new(), probed: None }
+    }
+
+    /// A source whose device was just probed (to choose its source): the first start
+    /// takes `probe` as the PROBE's answer; later starts probe again.
+    pub fn with_probe(
+        device: Arc<dyn MigrationDevice>,
+        probe: Result<bool, DeviceError>,
+    ) -> DmaLoggingSource {
+        DmaLoggingSource { probed: Some(probe), ..DmaLoggingSource::new(device) }
     }
 
     fn start_error(&self, errno: Errno, detail: String) -> DeviceError {
@@ -156,7 +195,8 @@ impl DirtySource for DmaLoggingSource {
     }
 
     fn start(&mut self, request: &StartRequest<'_>) -> Result<SourceStart, DeviceError> {
-        match self.device.dma_logging_supported() {
+        let probe = self.probed.take().unwrap_or_else(|| self.device.dma_logging_supported());
+        match probe {
             Ok(true) => {}
             Ok(false) => {
                 return Ok(SourceStart::Unsupported {
@@ -221,47 +261,74 @@ impl DirtySource for DmaLoggingSource {
         }
     }
 
-    fn report(&mut self, group: &mut DirtyBitmap, window_bytes: usize) -> Result<SourceReport, DeviceError> {
-        let page_size = self.page_size;
-        let window_pages = (window_bytes / 8).max(1) as u64 * 64;
-        let window_length = window_pages.saturating_mul(page_size);
-        let mut report = SourceReport::default();
-        for range in &self.ranges {
-            let mut iova = range.iova;
-            while iova < range.end() {
-                let length = window_length.min(range.end() - iova);
-                report.windows += 1;
-                let device = &self.device;
-                let in_place = group.report_in_place(iova, length, page_size, |words| {
-                    device.dma_logging_report(iova, length, page_size, words)
-                });
-                match in_place {
-                    Some((result, newly_dirty)) => {
-                        result?;
-                        report.windows_in_place += 1;
-                        report.new_dirty_pages += newly_dirty;
-                    }
-                    None => {
-                        let words = length.div_ceil(page_size).div_ceil(64) as usize;
-                        self.scratch.clear();
-                        self.scratch.resize(words, 0);
-                        device.dma_logging_report(iova, length, page_size, &mut self.scratch)?;
-                        report.new_dirty_pages +=
-                            group.merge_report(iova, length, page_size, &self.scratch).map_err(|e| {
-                                DeviceError::os(device.name(), Op::DmaLoggingReport, Errno::EINVAL)
-                                    .with_detail(e.to_string())
-                            })?;
-                    }
-                }
-                iova += length;
-            }
-        }
-        Ok(report)
+    fn report(
+        &mut self,
+        group: &mut DirtyBitmap,
+        window_bytes: usize,
+        progress: &mut SourceReport,
+    ) -> Result<(), DeviceError> {
+        let device = &self.device;
+        report_windows(
+            group,
+            &self.ranges,
+            self.page_size,
+            window_bytes,
+            &mut self.scratch,
+            progress,
+            |iova, length, words| device.dma_logging_report(iova, length, self.page_size, words),
+            |e| {
+                DeviceError::os(device.name(), Op::DmaLoggingReport, Errno::EINVAL).with_detail(e.to_string())
+            },
+        )
     }
 
     fn stop(&mut self) -> Result<(), DeviceError> {
         self.device.dma_logging_stop()
     }
+}
+
+/// Reads `ranges` (each aligned to `page_size`) into `group` with `read(iova, length,
+/// words)`, one call per window of at most `window_bytes` of bitmap, each window a
+/// multiple of 64 pages from its range's start, counting into `report`. A window that
+/// lines up with the group's words is read straight into them; any other into `scratch`
+/// (reused, zeroed per window), then expanded or folded into the group's pages.
+#[allow(clippy::too_many_arguments, reason = "one caller per source kind, each naming every part")]
+pub(crate) fn report_windows(
+    group: &mut DirtyBitmap,
+    ranges: &[IovaRange],
+    page_size: u64,
+    window_bytes: usize,
+    scratch: &mut Vec<u64>,
+    report: &mut SourceReport,
+    mut read: impl FnMut(u64, u64, &mut [u64]) -> Result<(), DeviceError>,
+    merge_failed: impl Fn(BitmapError) -> DeviceError,
+) -> Result<(), DeviceError> {
+    let window_pages = (window_bytes / 8).max(1) as u64 * 64;
+    let window_length = window_pages.saturating_mul(page_size);
+    for range in ranges {
+        let mut iova = range.iova;
+        while iova < range.end() {
+            let length = window_length.min(range.end() - iova);
+            report.windows += 1;
+            match group.report_in_place(iova, length, page_size, |words| read(iova, length, words)) {
+                Some((result, newly_dirty)) => {
+                    result?;
+                    report.windows_in_place += 1;
+                    report.new_dirty_pages += newly_dirty;
+                }
+                None => {
+                    let words = length.div_ceil(page_size).div_ceil(64) as usize;
+                    scratch.clear();
+                    scratch.resize(words, 0);
+                    read(iova, length, scratch)?;
+                    report.new_dirty_pages +=
+                        group.merge_report(iova, length, page_size, scratch).map_err(&merge_failed)?;
+                }
+            }
+            iova += length;
+        }
+    }
+    Ok(())
 }
 
 /// Whether, and how, a source's devices are tracked.
@@ -307,8 +374,9 @@ pub struct SourceStats {
 }
 
 impl SourceStats {
-    /// `"dma-logging"` (the source's kind) while its devices are covered, `"none"`
-    /// otherwise. A lost log still counts as covered: its range is reported all dirty.
+    /// The source's kind (`"dma-logging"`, `"iommufd-hwpt"`) while its devices are
+    /// covered, `"none"` otherwise. A lost log still counts as covered: its range is
+    /// reported all dirty.
     pub fn coverage_source(&self) -> &'static str {
         match self.coverage {
             Coverage::Tracking { .. } | Coverage::Lost { .. } => self.kind,
@@ -413,6 +481,8 @@ pub struct DirtyTracker {
     /// The group bitmap's ranges, kept apart so that sources can read them while the
     /// bitmap is being written.
     ranges: Vec<IovaRange>,
+    /// The guest layout at 4 KiB ([`StartRequest::guest_ranges`]).
+    guest: Vec<IovaRange>,
     bitmap: DirtyBitmap,
     slots: Vec<Slot>,
     active: bool,
@@ -433,6 +503,7 @@ impl DirtyTracker {
             return Err(TrackerError::WindowTooSmall(config.report_window_bytes));
         }
         let bitmap = DirtyBitmap::new(guest_ranges, config.page_size)?;
+        let guest = normalize(guest_ranges, MIN_LOGGING_PAGE_SIZE)?;
         let slots = sources
             .into_iter()
             .map(|source| Slot {
@@ -455,18 +526,50 @@ impl DirtyTracker {
                 needs_stop: false,
             })
             .collect();
-        Ok(DirtyTracker { config, ranges: bitmap.ranges().to_vec(), bitmap, slots, active: false })
+        Ok(DirtyTracker { config, ranges: bitmap.ranges().to_vec(), guest, bitmap, slots, active: false })
     }
 
-    /// A tracker using each device's own DMA logging.
+    /// A tracker choosing each device's source (see the module documentation): its own
+    /// DMA logging when the PROBE (asked here, blocking) says it has some, else the HWPT it
+    /// is attached to, one source per HWPT in the order their first device appears. A
+    /// device with neither gets a logging source that reports it not covered at start;
+    /// a PROBE that fails for another reason fails the start, naming the device.
     pub fn for_devices(
         devices: &[Arc<dyn MigrationDevice>],
         guest_ranges: &[IovaRange],
         config: TrackerConfig,
     ) -> Result<DirtyTracker, TrackerError> {
-        let sources = devices
-            .iter()
-            .map(|device| Box::new(DmaLoggingSource::new(Arc::clone(device))) as Box<dyn DirtySource>)
+        enum Chosen {
+            Logging(DmaLoggingSource),
+            Hwpt(IommufdHwptSource),
+        }
+        let mut chosen: Vec<Chosen> = Vec::with_capacity(devices.len());
+        for device in devices {
+            let probe = device.dma_logging_supported();
+            let no_logging = match &probe {
+                Ok(supported) => !supported,
+                Err(e) => e.kind == ErrorKind::Unsupported,
+            };
+            if no_logging && let Some(hwpt) = device.dirty_tracking_hwpt() {
+                let name = device.name().to_owned();
+                let key = hwpt.key();
+                match chosen.iter_mut().find_map(|c| match c {
+                    Chosen::Hwpt(source) if source.key() == key => Some(source),
+                    _ => None,
+                }) {
+                    Some(shared) => shared.add_device(name),
+                    None => chosen.push(Chosen::Hwpt(IommufdHwptSource::new(hwpt, vec![name]))),
+                }
+                continue;
+            }
+            chosen.push(Chosen::Logging(DmaLoggingSource::with_probe(Arc::clone(device), probe)));
+        }
+        let sources = chosen
+            .into_iter()
+            .map(|c| match c {
+                Chosen::Logging(source) => Box::new(source) as Box<dyn DirtySource>,
+                Chosen::Hwpt(source) => Box::new(source) as Box<dyn DirtySource>,
+            })
             .collect();
         DirtyTracker::new(sources, guest_ranges, config)
     }
@@ -479,6 +582,7 @@ impl DirtyTracker {
         }
         let request = StartRequest {
             ranges: &self.ranges,
+            guest_ranges: &self.guest,
             page_size: self.config.page_size,
             max_ranges: self.config.max_ranges,
         };
@@ -526,14 +630,17 @@ impl DirtyTracker {
         let mut round = ReportRound::default();
         let request = StartRequest {
             ranges: &self.ranges,
+            guest_ranges: &self.guest,
             page_size: self.config.page_size,
             max_ranges: self.config.max_ranges,
         };
         for slot in &mut self.slots {
+            let mut progress = SourceReport::default();
             let outcome = match &slot.stats.coverage {
                 Coverage::Tracking { .. } => {
                     let started = Instant::now();
-                    let result = slot.source.report(&mut self.bitmap, self.config.report_window_bytes);
+                    let window_bytes = self.config.report_window_bytes;
+                    let result = slot.source.report(&mut self.bitmap, window_bytes, &mut progress);
                     slot.stats.last_report_latency = Some(started.elapsed());
                     result.map_err(|error| {
                         slot.stats.report_errors += 1;
@@ -545,21 +652,16 @@ impl DirtyTracker {
                 Coverage::Lost { .. } => Err("log lost in an earlier round".to_owned()),
                 Coverage::Idle | Coverage::NotCovered { .. } => continue,
             };
+            // Windows read before a failure count too: their pages are in the bitmap.
+            slot.stats.windows += progress.windows;
+            slot.stats.windows_in_place += progress.windows_in_place;
+            slot.stats.last_dirty_pages = progress.new_dirty_pages;
+            slot.stats.dirty_pages_found += progress.new_dirty_pages;
             match outcome {
-                Ok(report) => {
-                    slot.stats.reports += 1;
-                    slot.stats.windows += report.windows;
-                    slot.stats.windows_in_place += report.windows_in_place;
-                    slot.stats.last_dirty_pages = report.new_dirty_pages;
-                    slot.stats.dirty_pages_found += report.new_dirty_pages;
-                    round.new_dirty_pages += report.new_dirty_pages;
-                }
-                Err(cause) => {
-                    let lost = recover_lost_log(slot, &mut self.bitmap, &request, cause);
-                    round.new_dirty_pages += slot.stats.last_dirty_pages;
-                    round.lost.push(lost);
-                }
+                Ok(()) => slot.stats.reports += 1,
+                Err(cause) => round.lost.push(recover_lost_log(slot, &mut self.bitmap, &request, cause)),
             }
+            round.new_dirty_pages += slot.stats.last_dirty_pages;
         }
         round.elapsed = round_started.elapsed();
         Ok(round)
@@ -644,7 +746,7 @@ fn recover_lost_log(
 ) -> LostLog {
     let ranges = slot.tracked_ranges().to_vec();
     let newly_dirty: u64 = ranges.iter().map(|r| bitmap.mark(r.iova, r.length)).sum();
-    slot.stats.last_dirty_pages = newly_dirty;
+    slot.stats.last_dirty_pages += newly_dirty;
     slot.stats.dirty_pages_found += newly_dirty;
     tracing::warn!(source = slot.stats.name, %cause, "dirty log lost; whole range marked dirty");
     let restart = slot.source.stop().and_then(|()| {
@@ -992,11 +1094,12 @@ mod tests {
         }
         assert!(err.to_string().contains("broken"), "{err}");
         assert!(!tracker.is_active());
-        // Started devices were stopped again; the one after the failure was never touched.
+        // Started devices were stopped again; the one after the failure was only probed
+        // (to choose its source), never started.
         assert_eq!(a.calls(), ["probe", "start", "stop"]);
         assert_eq!(d.calls(), ["probe", "start", "stop"]);
         assert!(a.session().is_none() && d.session().is_none());
-        assert!(f.calls().is_empty());
+        assert_eq!(f.calls(), ["probe"]);
         assert_eq!(no_probe.calls(), ["probe"]);
         assert_eq!(stats_of(&tracker, "a").coverage, Coverage::Idle);
         assert!(matches!(tracker.report(), Err(TrackerError::NotStarted)));

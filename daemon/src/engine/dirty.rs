@@ -31,13 +31,15 @@ impl GroupTracking {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceCoverage {
     pub device: String,
-    /// `"dma-logging"` while covered, `"none"` otherwise.
+    /// `"dma-logging"` (its own log) or `"iommufd-hwpt"` (the IOMMU, for a device
+    /// without DMA logging) while covered, `"none"` otherwise.
     pub source: &'static str,
-    /// The page size the driver chose at the last successful start.
+    /// The page size its source reads at, from the last successful start.
     pub page_size: Option<u64>,
     /// Why the device is not (precisely) covered.
     pub reason: Option<String>,
-    /// Group pages this device's log turned dirty, over every round.
+    /// Group pages its source turned dirty, over every round (a HWPT's figures are shared
+    /// by every device on it).
     pub dirty_pages: u64,
     pub reports: u64,
     pub report_errors: u64,
@@ -101,8 +103,9 @@ impl DirtyTrackingStatus {
 
 impl Daemon {
     /// Starts dirty tracking over every device of `group`, for the guest layout `ranges`
-    /// at `page_size` (0: 4096). Devices that cannot log are reported as not covered; a
-    /// device that fails to start fails the call, with every device stopped again.
+    /// at `page_size` (0: 4096). Each device is tracked by its own DMA logging, or else by
+    /// its dirty-tracking HWPT; devices with neither are reported as not covered. A
+    /// source that fails to start fails the call, with every source stopped again.
     pub async fn start_dirty_tracking(
         &self,
         group: &str,

@@ -327,3 +327,145 @@ pub(crate) unsafe fn set_user_bit(addr: u64, bit: u64) {
     // SAFETY: the caller guarantees the word is inside the lent bitmap.
     unsafe { *ptr.add((bit / 64) as usize) |= 1 << (bit % 64) };
 }
+
+/// A kernel-like iommufd for HWPT dirty tracking, behind [`FakeKernel`]: BIND hands out
+/// device ids, IOAS_ALLOC and HWPT_ALLOC object ids, HW_INFO reports the dirty capability,
+/// ATTACH_PT keeps the id it was given. SET_DIRTY_TRACKING and GET_DIRTY_BITMAP check what
+/// iommufd checks (struct size, flags, `__reserved`, the id, overflow, alignment to the
+/// 4 KiB IOMMU page and to `page_size`), keep a set of dirty IOMMU pages per HWPT, clear
+/// it on enable, read and clear it (unless NO_CLEAR) through the user pointer, and set
+/// nothing while tracking is off. Everything is mapped. Clones share the state, so a test
+/// keeps one to make DMA writes while the kernel answers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FakeIommufd {
+    state: std::sync::Arc<Mutex<FakeIommufdState>>,
+}
+
+#[derive(Debug, Default)]
+struct FakeIommufdState {
+    last_id: u32,
+    /// HWPT id → whether it was allocated with dirty tracking.
+    hwpts: std::collections::BTreeMap<u32, FakeHwpt>,
+}
+
+#[derive(Debug, Default)]
+struct FakeHwpt {
+    dirty_ops: bool,
+    tracking: bool,
+    /// Dirty 4 KiB IOMMU pages, by address.
+    dirty: std::collections::BTreeSet<u64>,
+}
+
+const FAKE_IOMMU_PAGE: u64 = 4096;
+
+impl FakeIommufd {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeIommufdState> {
+        self.state.lock().unwrap()
+    }
+
+    /// A DMA write through HWPT `hwpt`: dirties its IOMMU pages while it tracks.
+    pub(crate) fn dma_write(&self, hwpt: u32, iova: u64, length: u64) {
+        let mut state = self.lock();
+        let hwpt = state.hwpts.get_mut(&hwpt).expect("a HWPT of this fake");
+        if hwpt.tracking && length > 0 {
+            let first = iova / FAKE_IOMMU_PAGE;
+            let last = (iova + length - 1) / FAKE_IOMMU_PAGE;
+            hwpt.dirty.extend((first..=last).map(|p| p * FAKE_IOMMU_PAGE));
+        }
+    }
+
+    pub(crate) fn tracking(&self, hwpt: u32) -> bool {
+        self.lock().hwpts.get(&hwpt).is_some_and(|h| h.tracking)
+    }
+
+    pub(crate) fn answer(&self, call: Syscall<'_>) -> Result<i32, Errno> {
+        let Syscall::Ioctl { request, arg: IoctlArg::Buffer(b), .. } = call else {
+            return match call {
+                Syscall::Open { .. } => Ok(0),
+                _ => Err(Errno::ENOTTY),
+            };
+        };
+        let mut state = self.lock();
+        match request {
+            VFIO_DEVICE_BIND_IOMMUFD | IOMMU_IOAS_ALLOC => {
+                state.last_id += 1;
+                put_u32(b, if request == IOMMU_IOAS_ALLOC { 8 } else { 12 }, state.last_id);
+                Ok(0)
+            }
+            IOMMU_GET_HW_INFO => {
+                put_u64(b, 32, IOMMU_HW_CAP_DIRTY_TRACKING);
+                Ok(0)
+            }
+            IOMMU_HWPT_ALLOC => {
+                state.last_id += 1;
+                let id = state.last_id;
+                let dirty_ops = u32_at(b, 4) & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
+                state.hwpts.insert(id, FakeHwpt { dirty_ops, ..FakeHwpt::default() });
+                put_u32(b, 16, id);
+                Ok(0)
+            }
+            VFIO_DEVICE_ATTACH_IOMMUFD_PT => Ok(0),
+            IOMMU_HWPT_SET_DIRTY_TRACKING => {
+                if b.len() != 16 || u32_at(b, 0) != 16 || u32_at(b, 12) != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let flags = u32_at(b, 4);
+                if flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                let hwpt = state.hwpts.get_mut(&u32_at(b, 8)).ok_or(Errno::ENOENT)?;
+                if !hwpt.dirty_ops {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                hwpt.tracking = flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0;
+                if hwpt.tracking {
+                    hwpt.dirty.clear();
+                }
+                Ok(0)
+            }
+            IOMMU_HWPT_GET_DIRTY_BITMAP => {
+                if b.len() != 48 || u32_at(b, 0) != 48 {
+                    return Err(Errno::EINVAL);
+                }
+                let flags = u32_at(b, 8);
+                if flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || u32_at(b, 12) != 0 {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                let hwpt = state.hwpts.get_mut(&u32_at(b, 4)).ok_or(Errno::ENOENT)?;
+                let (iova, length, page_size, data) =
+                    (u64_at(b, 16), u64_at(b, 24), u64_at(b, 32), u64_at(b, 40));
+                let last = iova.checked_add(length.wrapping_sub(1)).ok_or(Errno::EOVERFLOW)?;
+                let end = last.wrapping_add(1);
+                if !iova.is_multiple_of(FAKE_IOMMU_PAGE) || !end.is_multiple_of(FAKE_IOMMU_PAGE) {
+                    return Err(Errno::EINVAL);
+                }
+                if page_size == 0 || !iova.is_multiple_of(page_size) || !end.is_multiple_of(page_size) {
+                    return Err(Errno::EINVAL);
+                }
+                if !hwpt.dirty_ops {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                if !hwpt.tracking {
+                    return Ok(0);
+                }
+                let found: Vec<u64> = hwpt.dirty.range(iova..=last).copied().collect();
+                for &page in &found {
+                    let top = page + FAKE_IOMMU_PAGE - 1;
+                    for bit in (page - iova) / page_size..=(top - iova) / page_size {
+                        // SAFETY: `data` is the bitmap the code under test lends for this
+                        // call; `Iommufd::get_dirty_bitmap` checked that it holds a bit for
+                        // every page of `[iova, iova + length)`, and `page` lies inside it.
+                        unsafe { set_user_bit(data, bit) };
+                    }
+                }
+                if flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR == 0 {
+                    for page in found {
+                        hwpt.dirty.remove(&page);
+                    }
+                }
+                Ok(0)
+            }
+            _ => Err(Errno::ENOTTY),
+        }
+    }
+}

@@ -30,6 +30,10 @@ pub enum Attach {
     /// A HWPT allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` over `ioas` (a fresh IOAS if
     /// `None`). EOPNOTSUPP (kind `Unsupported`) when the IOMMU cannot track dirty bits.
     DirtyTrackingHwpt { ioas: Option<u32> },
+    /// A dirty-tracking HWPT another device already got (`hwpt` over `ioas`), so that one
+    /// SET / GET serves both. Every device on such a HWPT must be able to track dirty
+    /// bits: EOPNOTSUPP when this one's IOMMU cannot.
+    SharedDirtyTrackingHwpt { ioas: u32, hwpt: u32 },
 }
 
 /// The host's VFIO nodes, reached through a syscall seam.
@@ -184,6 +188,16 @@ impl VfioHost {
                     ));
                 }
                 (ioas, iommufd.hwpt_alloc(dev_id, ioas, true)?, true)
+            }
+            Attach::SharedDirtyTrackingHwpt { ioas, hwpt } => {
+                if !iommufd.hw_info(dev_id)?.dirty_tracking() {
+                    return Err(open_err(
+                        name,
+                        Errno::EOPNOTSUPP,
+                        format!("the IOMMU behind the device cannot track dirty pages on HWPT {hwpt}"),
+                    ));
+                }
+                (ioas, hwpt, true)
             }
         };
 

@@ -1,16 +1,23 @@
-//! Device DMA logging (`DMA_LOGGING_START/STOP/REPORT`) with the kernel's checks and
-//! its real bitmap layout.
+//! The simulated device's DMA: its writes, and the two things that may observe them —
+//! its own DMA logging (`DMA_LOGGING_START/STOP/REPORT`, [`DmaLog`], with the kernel's
+//! checks and its real bitmap layout) and the IOMMU HWPT it is attached to
+//! ([`super::iommu`]) while that HWPT tracks.
 //!
 //! The log is sparse: the set of dirty logging pages (absolute `iova >> log2(page)`), so
 //! its size follows the number of dirty pages, never the size of the logged ranges.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use nix::errno::Errno;
 
+use super::arc_log::ArcEvent;
+use super::fault::{FaultOp, Fired};
 use super::image::mix;
-use super::spec::DmaLoggingSpec;
+use super::iommu::SimHwpt;
+use super::session::Shared;
+use super::spec::{DmaLoggingSpec, DmaWriteSpec};
 use crate::device::IovaRange;
 
 /// The smallest report page size the core accepts.
@@ -20,18 +27,14 @@ const MIN_REPORT_PAGE: u64 = 4096;
 struct Session {
     ranges: Vec<IovaRange>,
     page_shift: u32,
-    total: u64,
     dirty: BTreeSet<u64>,
 }
 
+/// A device's DMA logging session.
 #[derive(Debug)]
 pub(crate) struct DmaLog {
     spec: DmaLoggingSpec,
     session: Option<Session>,
-    /// Pseudo-random writes made so far (their sequence number).
-    writes: u64,
-    /// Fractional writes carried between ticks, in write-nanoseconds.
-    carry: u128,
 }
 
 /// A refusal: the errno and why.
@@ -39,11 +42,16 @@ pub(crate) type Refusal = (Errno, String);
 
 impl DmaLog {
     pub fn new(spec: DmaLoggingSpec) -> DmaLog {
-        DmaLog { spec, session: None, writes: 0, carry: 0 }
+        DmaLog { spec, session: None }
     }
 
     pub fn is_active(&self) -> bool {
         self.session.is_some()
+    }
+
+    /// The logged ranges, while logging.
+    fn ranges(&self) -> Option<&[IovaRange]> {
+        self.session.as_ref().map(|s| s.ranges.as_slice())
     }
 
     /// START: checks in the order the core and mlx5 make them; returns the page size
@@ -83,12 +91,8 @@ impl DmaLog {
         self.session = Some(Session {
             ranges: ranges.to_vec(),
             page_shift: chosen.trailing_zeros(),
-            total: ranges.iter().map(|r| r.length).sum(),
             dirty: BTreeSet::new(),
         });
-        for iova in self.spec.writes.iovas.clone() {
-            self.write(iova, self.spec.writes.granule);
-        }
         Ok(chosen)
     }
 
@@ -109,41 +113,6 @@ impl DmaLog {
                 }
             }
         }
-    }
-
-    /// `count` pseudo-random writes of one granule inside the logged ranges.
-    pub fn random_writes(&mut self, count: u64) {
-        let granule = self.spec.writes.granule;
-        for _ in 0..count {
-            let Some(session) = self.session.as_ref() else { return };
-            let mut offset = mix(self.spec.writes.seed ^ 0xD1A_u64 ^ mix(self.writes)) % session.total;
-            self.writes += 1;
-            let range = session
-                .ranges
-                .iter()
-                .find(|r| {
-                    let inside = offset < r.length;
-                    if !inside {
-                        offset -= r.length;
-                    }
-                    inside
-                })
-                .copied()
-                .expect("offset below the total length lies in a range");
-            let iova = range.iova + offset / granule * granule;
-            self.write(iova, granule);
-        }
-    }
-
-    /// The device ran for `elapsed`: its timed writes happen.
-    pub fn ran_for(&mut self, elapsed: Duration) {
-        if self.spec.writes.per_second == 0 || self.session.is_none() {
-            return;
-        }
-        self.carry += elapsed.as_nanos() * u128::from(self.spec.writes.per_second);
-        let count = (self.carry / 1_000_000_000) as u64;
-        self.carry %= 1_000_000_000;
-        self.random_writes(count);
     }
 
     /// REPORT: reads and clears the log of `[iova, iova + length)`, setting bit `n % 64`
@@ -177,9 +146,6 @@ impl DmaLog {
                 format!("bitmap of {} words, the report needs {words}", bitmap.len()),
             ));
         }
-        if self.spec.writes.per_report > 0 && self.session.is_some() {
-            self.random_writes(self.spec.writes.per_report);
-        }
         let Some(session) = self.session.as_mut() else {
             return Err((Errno::EINVAL, "logging not started".into()));
         };
@@ -203,8 +169,178 @@ impl DmaLog {
     }
 }
 
+/// A simulated device's DMA writes, and what observes them: its logging session and the
+/// HWPT it is attached to. The HWPT reaches back through a weak reference to run the
+/// device's timed writes and faults before it answers; locks are taken in the order
+/// device core → this → HWPT state, never the other way.
+#[derive(Debug)]
+pub(crate) struct DeviceDma {
+    shared: Arc<Shared>,
+    hwpt: Option<Arc<SimHwpt>>,
+    inner: Mutex<DmaInner>,
+}
+
+#[derive(Debug)]
+struct DmaInner {
+    log: DmaLog,
+    writes: DmaWriteSpec,
+    /// Pseudo-random writes made so far (their sequence number).
+    sequence: u64,
+    /// Fractional writes carried between ticks, in write-nanoseconds.
+    carry: u128,
+    last_tick: Instant,
+}
+
+impl DeviceDma {
+    pub fn new(shared: Arc<Shared>, spec: DmaLoggingSpec, hwpt: Option<Arc<SimHwpt>>) -> DeviceDma {
+        let writes = spec.writes.clone();
+        let inner =
+            DmaInner { log: DmaLog::new(spec), writes, sequence: 0, carry: 0, last_tick: Instant::now() };
+        DeviceDma { shared, hwpt, inner: Mutex::new(inner) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DmaInner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn logging_active(&self) -> bool {
+        self.lock().log.is_active()
+    }
+
+    /// The device's timed writes up to now: they happen only while it runs.
+    pub fn tick(&self) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let elapsed = now.duration_since(inner.last_tick);
+        inner.last_tick = now;
+        if inner.writes.per_second == 0 || !self.shared.state().is_running() {
+            return;
+        }
+        inner.carry += elapsed.as_nanos() * u128::from(inner.writes.per_second);
+        let count = (inner.carry / 1_000_000_000) as u64;
+        inner.carry %= 1_000_000_000;
+        self.random_writes(&mut inner, count);
+    }
+
+    /// A DMA write of `[iova, iova + length)`, seen by whatever tracks.
+    pub fn write(&self, iova: u64, length: u64) {
+        let mut inner = self.lock();
+        self.write_locked(&mut inner, iova, length);
+    }
+
+    fn write_locked(&self, inner: &mut DmaInner, iova: u64, length: u64) {
+        inner.log.write(iova, length);
+        if let Some(hwpt) = &self.hwpt {
+            hwpt.device_write(iova, length);
+        }
+    }
+
+    /// `count` pseudo-random writes of one granule: in the logged ranges while logging,
+    /// else in the HWPT's mappings while it tracks, else nowhere.
+    fn random_writes(&self, inner: &mut DmaInner, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let ranges = match inner.log.ranges() {
+            Some(logged) => logged.to_vec(),
+            None => match self.hwpt.as_ref().and_then(|hwpt| hwpt.write_window()) {
+                Some(mapped) => mapped,
+                None => return,
+            },
+        };
+        let total: u64 = ranges.iter().map(|r| r.length).sum();
+        if total == 0 {
+            return;
+        }
+        let granule = inner.writes.granule;
+        for _ in 0..count {
+            let mut offset = mix(inner.writes.seed ^ 0xD1A_u64 ^ mix(inner.sequence)) % total;
+            inner.sequence += 1;
+            let range = ranges
+                .iter()
+                .find(|r| {
+                    let inside = offset < r.length;
+                    if !inside {
+                        offset -= r.length;
+                    }
+                    inside
+                })
+                .copied()
+                .expect("offset below the total length lies in a range");
+            let iova = range.iova + offset / granule * granule;
+            self.write_locked(inner, iova, granule);
+        }
+    }
+
+    fn scripted_writes(&self, inner: &mut DmaInner) {
+        let (iovas, granule) = (inner.writes.iovas.clone(), inner.writes.granule);
+        for iova in iovas {
+            self.write_locked(inner, iova, granule);
+        }
+    }
+
+    /// DMA_LOGGING_START; the scripted `iovas` are written as soon as it succeeds.
+    pub fn start_logging(&self, ranges: &[IovaRange], page_size: u64) -> Result<u64, Refusal> {
+        let mut inner = self.lock();
+        let chosen = inner.log.start(ranges, page_size)?;
+        self.scripted_writes(&mut inner);
+        Ok(chosen)
+    }
+
+    pub fn stop_logging(&self) {
+        self.lock().log.stop();
+    }
+
+    /// DMA_LOGGING_REPORT, after the device's `per_report` writes.
+    pub fn report_logging(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), Refusal> {
+        let mut inner = self.lock();
+        if inner.writes.per_report > 0 && inner.log.is_active() {
+            let count = inner.writes.per_report;
+            self.random_writes(&mut inner, count);
+        }
+        inner.log.report(iova, length, page_size, bitmap)
+    }
+
+    /// The HWPT is about to be read: the device's timed writes happen, and its
+    /// `per_report` writes when no logging session reports them.
+    pub fn before_hwpt_read(&self) {
+        self.tick();
+        let mut inner = self.lock();
+        if inner.writes.per_report > 0 && !inner.log.is_active() {
+            let count = inner.writes.per_report;
+            self.random_writes(&mut inner, count);
+        }
+    }
+
+    /// The HWPT started tracking: the scripted `iovas` are written.
+    pub fn hwpt_tracking_started(&self) {
+        let mut inner = self.lock();
+        self.scripted_writes(&mut inner);
+    }
+
+    /// The faults this device arms on a HWPT operation (logged to its arc log).
+    pub fn hwpt_faults(&self, op: FaultOp) -> Fired {
+        let state = self.shared.state();
+        let fired = self.shared.faults.lock().unwrap_or_else(|p| p.into_inner()).on_op(op, state);
+        for what in &fired.descriptions {
+            self.shared.arc_log.record(state, ArcEvent::Fault(what.clone()));
+        }
+        fired
+    }
+}
+
 /// Sets bits `first..=last` (Linux bitmap layout on little-endian u64 words).
-fn set_bits(bitmap: &mut [u64], first: u64, last: u64) {
+pub(crate) fn set_bits(bitmap: &mut [u64], first: u64, last: u64) {
     let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
     let low = !0u64 << (first % 64);
     let high = !0u64 >> (63 - last % 64);
@@ -308,10 +444,15 @@ mod tests {
         let mut spec = spec(4096, 4096);
         spec.writes.iovas = vec![0x3000];
         spec.writes.per_report = 3;
-        let mut log = DmaLog::new(spec);
-        log.start(&[range(0, 0x40000)], 4096).unwrap();
+        let shared = Arc::new(Shared::new(
+            "dev".into(),
+            super::super::fault::FaultTable::default(),
+            super::super::arc_log::ArcLog::new("dev", None).unwrap(),
+        ));
+        let dma = DeviceDma::new(shared, spec, None);
+        dma.start_logging(&[range(0, 0x40000)], 4096).unwrap();
         let mut bitmap = [0u64; 1];
-        log.report(0, 0x40000, 4096, &mut bitmap).unwrap();
+        dma.report_logging(0, 0x40000, 4096, &mut bitmap).unwrap();
         assert!(bitmap[0] & (1 << 3) != 0, "the scripted IOVA is dirty");
         let dirty = bitmap[0].count_ones();
         assert!((2..=4).contains(&dirty), "1 scripted + 3 random writes (may coincide): {dirty}");

@@ -4,7 +4,8 @@
 //! calls of its operation, the arcs a SET walks, or the saving sessions opened — that
 //! pass its state filter, and fires on every one of them, only on the `nth`, and/or only
 //! `once`. Faults come from the configuration (`[[device.faults]]`) or at run time from
-//! [`super::SimDevice::inject`].
+//! [`super::SimDevice::inject`]. Faults on the HWPT operations live on the devices
+//! attached to the HWPT; their state filter is the device's state.
 
 use std::fmt;
 use std::time::Duration;
@@ -35,6 +36,11 @@ pub enum FaultOp {
     DataRead,
     /// A write to a resuming data_fd.
     DataWrite,
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING` on the device's HWPT (whichever device's handle
+    /// issues it: every device attached to the HWPT sees the opportunity).
+    HwptSetDirtyTracking,
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP` on the device's HWPT, likewise.
+    HwptGetDirtyBitmap,
 }
 
 impl FaultOp {
@@ -53,6 +59,8 @@ impl FaultOp {
             FaultOp::Reset => Op::Reset,
             FaultOp::DataRead => Op::DataRead,
             FaultOp::DataWrite => Op::DataWrite,
+            FaultOp::HwptSetDirtyTracking => Op::IommufdSetDirtyTracking,
+            FaultOp::HwptGetDirtyBitmap => Op::IommufdGetDirtyBitmap,
         }
     }
 }

@@ -23,6 +23,8 @@
 //!   RESUMING (writing the rest of a truncated stream and retrying works);
 //! * DMA logging with the kernel's checks and real bitmap layout ([`dma`]); ENOTTY for
 //!   every logging operation when the driver has none;
+//! * an IOMMU ([`iommu`]): devices naming a HWPT share it, and their DMA writes dirty it
+//!   while it tracks, with or without DMA logging;
 //! * `reset()` returns to RUNNING in the power-on state `(seed, 0)`, disables every
 //!   data_fd (they stay open; reads and writes fail with ENODEV) and stops DMA logging;
 //! * every arc, reset and fault goes to the arc log ([`arc_log`]).
@@ -31,6 +33,7 @@ mod arc_log;
 mod dma;
 mod fault;
 mod image;
+mod iommu;
 mod session;
 mod spec;
 mod stream;
@@ -46,11 +49,14 @@ use nix::errno::Errno;
 pub use self::arc_log::{ArcEvent, ArcLogEntry, ArcLogError, monotonic_ns, parse_arc_log, read_arc_log};
 pub use self::fault::{Fault, FaultAction, FaultOp, parse_errno};
 pub use self::image::{STATE_PAGE, StateDigest, StateId, digest_of};
-pub use self::spec::{DmaLoggingSpec, DmaWriteSpec, PrecopyEnd, SimSpec, SimSpecError, parse_byte_size};
+pub use self::iommu::{SIM_IOMMU_LABEL, SimHwptHandle, SimIommu};
+pub use self::spec::{
+    DmaLoggingSpec, DmaWriteSpec, IommuMapping, IommuSpec, PrecopyEnd, SimSpec, SimSpecError, parse_byte_size,
+};
 pub use self::stream::StreamError;
 
 use self::arc_log::ArcLog;
-use self::dma::DmaLog;
+use self::dma::DeviceDma;
 use self::fault::{FaultTable, Fired};
 use self::image::{DirtyPages, Image, page_count};
 use self::session::{LoadError, ResumeSession, SaveFaults, SaveSession, SaveStart, Shared};
@@ -58,6 +64,7 @@ use self::stream::{Compat, MAX_RUN};
 use super::{
     DataFd, DeviceError, DeviceIdentity, Direction, IovaRange, MigrationDevice, Op, PrecopyInfo, plan_set,
 };
+use crate::dirty::HwptDirty;
 use crate::fsm::{self, Caps, State};
 
 /// The driver name in a simulated device's [`DeviceIdentity`].
@@ -70,6 +77,8 @@ pub struct SimDevice {
     seed: u64,
     shared: Arc<Shared>,
     core: Mutex<Core>,
+    dma: Arc<DeviceDma>,
+    hwpt: Option<Arc<dyn HwptDirty>>,
 }
 
 struct Core {
@@ -83,7 +92,6 @@ struct Core {
     saving: Option<Arc<SaveSession>>,
     resuming: Option<Arc<ResumeSession>>,
     loaded: Option<StateId>,
-    dma: DmaLog,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,7 +99,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SimDevice {
+    /// A device on an IOMMU of its own: a HWPT its spec names is shared with no other
+    /// device (use [`SimDevice::with_iommu`] to share one).
     pub fn new(spec: SimSpec) -> Result<SimDevice, SimSpecError> {
+        SimDevice::with_iommu(spec, &SimIommu::new())
+    }
+
+    /// A device on the simulated IOMMU `iommu`: the HWPT its spec names (`[device.iommu]`)
+    /// is shared with every device of `iommu` naming it.
+    pub fn with_iommu(spec: SimSpec, iommu: &Arc<SimIommu>) -> Result<SimDevice, SimSpecError> {
         spec.validate()?;
         let arc_log =
             ArcLog::new(&spec.name, spec.arc_log.as_deref()).map_err(|source| SimSpecError::ArcLog {
@@ -110,10 +126,27 @@ impl SimDevice {
             saving: None,
             resuming: None,
             loaded: None,
-            dma: DmaLog::new(spec.dma_logging.clone()),
         };
         let shared = Arc::new(Shared::new(spec.name.clone(), FaultTable::new(&spec.faults), arc_log));
-        Ok(SimDevice { seed, shared, core: Mutex::new(core), spec })
+        let hwpt = match &spec.iommu {
+            Some(iommu_spec) => Some(
+                iommu
+                    .hwpt(iommu_spec)
+                    .map_err(|what| SimSpecError::Iommu { name: spec.name.clone(), what })?,
+            ),
+            None => None,
+        };
+        let dma = Arc::new_cyclic(|me| {
+            if let Some((_, hwpt)) = &hwpt {
+                hwpt.attach(me.clone());
+            }
+            DeviceDma::new(shared.clone(), spec.dma_logging.clone(), hwpt.as_ref().map(|(_, h)| h.clone()))
+        });
+        let hwpt_handle = hwpt.map(|(id, _)| {
+            let name = spec.iommu.as_ref().map_or("", |i| i.hwpt.as_str());
+            Arc::new(SimHwptHandle::new(Arc::clone(iommu), id, name)) as Arc<dyn HwptDirty>
+        });
+        Ok(SimDevice { seed, shared, core: Mutex::new(core), dma, hwpt: hwpt_handle, spec })
     }
 
     pub fn spec(&self) -> &SimSpec {
@@ -144,15 +177,16 @@ impl SimDevice {
     }
 
     /// A DMA write by the device to `[iova, iova + length)`: logged if DMA logging is
-    /// on and the range is logged (in any state: tests decide when the device writes).
+    /// on and the range is logged, and dirtying its HWPT if that tracks and maps the range
+    /// (in any state: tests decide when the device writes).
     pub fn dma_write(&self, iova: u64, length: u64) {
         let mut core = lock(&self.core);
         self.tick(&mut core);
-        core.dma.write(iova, length);
+        self.dma.write(iova, length);
     }
 
     pub fn dma_logging_active(&self) -> bool {
-        lock(&self.core).dma.is_active()
+        self.dma.logging_active()
     }
 
     /// The current state, cheaply.
@@ -232,6 +266,7 @@ impl SimDevice {
     /// Brings the device's time-driven behaviour up to now: state pages and DMA writes
     /// change only while it runs.
     fn tick(&self, core: &mut Core) {
+        self.dma.tick();
         let now = Instant::now();
         let elapsed = now.duration_since(core.last_tick);
         core.last_tick = now;
@@ -245,7 +280,6 @@ impl SimDevice {
             core.dirty_carry %= per_event;
             apply_dirty(core, events);
         }
-        core.dma.ran_for(elapsed);
     }
 
     fn enter(&self, core: &mut Core, to: State) {
@@ -417,6 +451,10 @@ impl MigrationDevice for SimDevice {
         &self.spec.name
     }
 
+    fn dirty_tracking_hwpt(&self) -> Option<Arc<dyn HwptDirty>> {
+        self.hwpt.clone()
+    }
+
     fn content_digest(&self) -> Option<String> {
         let d = self.state_digest();
         Some(format!(
@@ -511,7 +549,7 @@ impl MigrationDevice for SimDevice {
         self.logging_unsupported(op)?;
         let mut core = lock(&self.core);
         self.tick(&mut core);
-        core.dma.start(ranges, page_size).map_err(|(errno, why)| self.err(op, errno).with_detail(why))
+        self.dma.start_logging(ranges, page_size).map_err(|(errno, why)| self.err(op, errno).with_detail(why))
     }
 
     fn dma_logging_stop(&self) -> Result<(), DeviceError> {
@@ -519,7 +557,7 @@ impl MigrationDevice for SimDevice {
         self.logging_unsupported(Op::DmaLoggingStop)?;
         let mut core = lock(&self.core);
         self.tick(&mut core);
-        core.dma.stop();
+        self.dma.stop_logging();
         Ok(())
     }
 
@@ -535,8 +573,8 @@ impl MigrationDevice for SimDevice {
         self.logging_unsupported(op)?;
         let mut core = lock(&self.core);
         self.tick(&mut core);
-        core.dma
-            .report(iova, length, page_size, bitmap)
+        self.dma
+            .report_logging(iova, length, page_size, bitmap)
             .map_err(|(errno, why)| self.err(op, errno).with_detail(why))
     }
 
@@ -552,7 +590,7 @@ impl MigrationDevice for SimDevice {
         core.dirty = DirtyPages::new(page_count(self.spec.state_size));
         core.dirty_carry = 0;
         core.loaded = None;
-        core.dma.stop();
+        self.dma.stop_logging();
         self.shared.arc_log.record(from, ArcEvent::Reset);
         Ok(())
     }

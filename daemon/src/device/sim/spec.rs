@@ -18,6 +18,11 @@
 //! min_page_size = 4096
 //! max_page_size = "1GiB"
 //! writes = { seed = 1, per_second = 1000, per_report = 0, iovas = [0x1000], granule = 4096 }
+//! [device.iommu]                # attached to a HWPT of the simulated IOMMU (optional)
+//! hwpt = "vm1"                  # shared by every simulated device naming it
+//! dirty_tracking = true         # allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+//! page_size = 4096              # IOMMU page: dirty granule and IOVA alignment
+//! mapped = [{ iova = 0, length = "1GiB" }]   # IOAS mappings; default: everything
 //! [[device.faults]]
 //! kind = "errno"
 //! op = "set_state"
@@ -33,6 +38,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::fault::Fault;
 use super::stream::MAX_MODEL_LEN;
+use crate::device::IovaRange;
 use crate::fsm::{Caps, State};
 
 /// A simulated migratable device.
@@ -68,6 +74,10 @@ pub struct SimSpec {
     /// Device DMA logging (`DMA_LOGGING_*` features).
     #[serde(default)]
     pub dma_logging: DmaLoggingSpec,
+    /// The simulated IOMMU HWPT the device is attached to: the dirty source of a device
+    /// without DMA logging. None by default.
+    #[serde(default)]
+    pub iommu: Option<IommuSpec>,
     /// File to append every arc walked to (see [`super::arc_log`]); other processes may
     /// read it while the daemon runs.
     #[serde(default)]
@@ -113,9 +123,11 @@ pub struct DmaLoggingSpec {
     pub writes: DmaWriteSpec,
 }
 
-/// Where and when the simulated device writes guest memory by DMA. Writes land only in
-/// the logged ranges, at `granule`-aligned IOVAs; each dirties the logging pages it
-/// touches. Tests that need exact control use [`super::SimDevice::dma_write`].
+/// Where and when the simulated device writes guest memory by DMA. Random writes land at
+/// `granule`-aligned IOVAs in the logged ranges while the device logs, otherwise in its
+/// HWPT's `mapped` ranges while the HWPT tracks (with neither, only `iovas` are written).
+/// Each write dirties the logging pages and the IOMMU pages it touches, whichever track.
+/// Tests that need exact control use [`super::SimDevice::dma_write`].
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DmaWriteSpec {
@@ -125,15 +137,97 @@ pub struct DmaWriteSpec {
     /// Writes per second of running time (RUNNING, PRE_COPY).
     #[serde(default)]
     pub per_second: u64,
-    /// Writes made right before every REPORT, in any state (deterministic).
+    /// Writes made right before every REPORT, in any state (deterministic); for a device
+    /// that does not log, before every read of its HWPT.
     #[serde(default)]
     pub per_report: u64,
-    /// IOVAs written once each (one granule) as soon as logging starts.
+    /// IOVAs written once each (one granule) as soon as logging starts, and as soon as
+    /// its HWPT starts tracking.
     #[serde(default)]
     pub iovas: Vec<u64>,
     /// Bytes per write (a power of two). Default 4096.
     #[serde(default = "default_granule", deserialize_with = "de_byte_size")]
     pub granule: u64,
+}
+
+/// The HWPT of the simulated IOMMU a device is attached to (`[device.iommu]`). Every
+/// simulated device of a daemon that names the same `hwpt` shares it (one SET / GET serves
+/// them all) and must describe it identically.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IommuSpec {
+    /// The HWPT's name (no tabs or newlines).
+    pub hwpt: String,
+    /// Whether the HWPT was allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`; without it,
+    /// SET_DIRTY_TRACKING and GET_DIRTY_BITMAP fail with EOPNOTSUPP. Default true.
+    #[serde(default = "yes")]
+    pub dirty_tracking: bool,
+    /// The IOMMU page (a power of two ≥ 4096): the granule a DMA write dirties, and the
+    /// IOAS alignment every read must start and end on. Default 4 KiB (huge IOPTEs off).
+    #[serde(default = "default_min_page", deserialize_with = "de_byte_size")]
+    pub page_size: u64,
+    /// The IOAS mappings, aligned to `page_size` and disjoint. Writes outside them dirty
+    /// nothing, and a read stops at the first unmapped byte without an error, as the
+    /// kernel's does. Empty (the default): everything is mapped.
+    #[serde(default)]
+    pub mapped: Vec<IommuMapping>,
+}
+
+/// One IOAS mapping of an [`IommuSpec`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IommuMapping {
+    #[serde(deserialize_with = "de_byte_size")]
+    pub iova: u64,
+    #[serde(deserialize_with = "de_byte_size")]
+    pub length: u64,
+}
+
+impl IommuSpec {
+    /// A dirty-tracking HWPT named `hwpt` with 4 KiB pages, everything mapped.
+    pub fn new(hwpt: impl Into<String>) -> IommuSpec {
+        IommuSpec {
+            hwpt: hwpt.into(),
+            dirty_tracking: true,
+            page_size: default_min_page(),
+            mapped: Vec::new(),
+        }
+    }
+
+    /// The mappings, sorted.
+    pub fn mapped_ranges(&self) -> Vec<IovaRange> {
+        let mut ranges: Vec<IovaRange> =
+            self.mapped.iter().map(|m| IovaRange { iova: m.iova, length: m.length }).collect();
+        ranges.sort();
+        ranges
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.hwpt.is_empty() || self.hwpt.contains(['\t', '\n', '\r']) {
+            return Err(format!(
+                "iommu.hwpt {:?} must be non-empty and free of tabs and newlines",
+                self.hwpt
+            ));
+        }
+        if !self.page_size.is_power_of_two() || self.page_size < 4096 {
+            return Err(format!("iommu.page_size {} is not a power of two >= 4096", self.page_size));
+        }
+        let ranges = self.mapped_ranges();
+        for range in &ranges {
+            let aligned =
+                range.iova.is_multiple_of(self.page_size) && range.length.is_multiple_of(self.page_size);
+            if range.length == 0 || !aligned || range.iova.checked_add(range.length).is_none() {
+                return Err(format!(
+                    "iommu.mapped range {range:x?} is empty, overflows or is not aligned to {}",
+                    self.page_size
+                ));
+            }
+        }
+        if let Some(pair) = ranges.windows(2).find(|w| w[0].end() > w[1].iova) {
+            return Err(format!("iommu.mapped ranges {:x?} and {:x?} overlap", pair[0], pair[1]));
+        }
+        Ok(())
+    }
 }
 
 impl Default for DmaLoggingSpec {
@@ -167,6 +261,8 @@ pub enum SimSpecError {
     Caps { name: String, caps: Caps },
     #[error("device {name}: {what}")]
     DmaLogging { name: String, what: String },
+    #[error("device {name}: {what}")]
+    Iommu { name: String, what: String },
     #[error("device {name}: cannot open arc log {path}: {source}")]
     ArcLog { name: String, path: PathBuf, source: std::io::Error },
 }
@@ -208,6 +304,7 @@ impl SimSpec {
             dirty_rate: 0,
             precopy_end: PrecopyEnd::Zero,
             dma_logging: DmaLoggingSpec::default(),
+            iommu: None,
             arc_log: None,
             faults: Vec::new(),
         }
@@ -249,6 +346,9 @@ impl SimSpec {
         }
         if !log.writes.granule.is_power_of_two() {
             return bad(format!("writes.granule {} is not a power of two", log.writes.granule));
+        }
+        if let Some(iommu) = &self.iommu {
+            iommu.validate().map_err(|what| SimSpecError::Iommu { name: self.name.clone(), what })?;
         }
         Ok(())
     }
@@ -424,6 +524,78 @@ mod tests {
         ];
         for toml in bad {
             assert!(load(toml).is_err(), "accepted: {toml}");
+        }
+    }
+
+    #[test]
+    fn an_iommu_table_deserializes_and_is_checked() {
+        let file = load(
+            r#"
+            [[device]]
+            kind = "sim"
+            name = "virtio0"
+            [device.dma_logging]
+            supported = false
+            [device.iommu]
+            hwpt = "vm1"
+            page_size = "8KiB"
+            mapped = [{ iova = 0, length = "1GiB" }, { iova = 0x100000000, length = "2GiB" }]
+            [[device.faults]]
+            kind = "errno"
+            op = "hwpt_get_dirty_bitmap"
+            errno = "EIO"
+            [[device.faults]]
+            kind = "stall"
+            op = "hwpt_set_dirty_tracking"
+            ms = 3
+
+            [[device]]
+            kind = "sim"
+            name = "qat0"
+            iommu = { hwpt = "vm1", dirty_tracking = false }
+            "#,
+        )
+        .unwrap();
+        let [DeviceEntry::Sim(virtio), DeviceEntry::Sim(qat)] = &file.device[..] else {
+            panic!("two sim devices expected: {file:?}")
+        };
+        let iommu = virtio.iommu.as_ref().unwrap();
+        assert_eq!((iommu.hwpt.as_str(), iommu.dirty_tracking, iommu.page_size), ("vm1", true, 8192));
+        assert_eq!(
+            iommu.mapped_ranges(),
+            [IovaRange { iova: 0, length: 1 << 30 }, IovaRange { iova: 1 << 32, length: 2 << 30 }]
+        );
+        virtio.validate().unwrap();
+        assert_eq!(
+            virtio.faults[0].action,
+            FaultAction::Errno { op: FaultOp::HwptGetDirtyBitmap, errno: Errno::EIO }
+        );
+        assert_eq!(
+            virtio.faults[1].action,
+            FaultAction::Stall { op: FaultOp::HwptSetDirtyTracking, duration: Duration::from_millis(3) }
+        );
+        assert_eq!(qat.iommu, Some(IommuSpec { dirty_tracking: false, ..IommuSpec::new("vm1") }));
+        assert_eq!(SimSpec::new("x").iommu, None);
+
+        let unknown = "[[device]]\nkind = \"sim\"\nname = \"a\"\n[device.iommu]\nhwpt = \"v\"\nhuge = true";
+        assert!(load(unknown).is_err(), "unknown keys are refused");
+        assert!(load("[[device]]\nkind = \"sim\"\nname = \"a\"\n[device.iommu]\npage_size = 4096").is_err());
+        let invalid = [
+            IommuSpec::new(""),
+            IommuSpec { page_size: 2048, ..IommuSpec::new("v") },
+            IommuSpec { mapped: vec![IommuMapping { iova: 0x800, length: 4096 }], ..IommuSpec::new("v") },
+            IommuSpec { mapped: vec![IommuMapping { iova: 0, length: 0 }], ..IommuSpec::new("v") },
+            IommuSpec {
+                mapped: vec![
+                    IommuMapping { iova: 0, length: 8192 },
+                    IommuMapping { iova: 4096, length: 4096 },
+                ],
+                ..IommuSpec::new("v")
+            },
+        ];
+        for iommu in invalid {
+            let spec = SimSpec { iommu: Some(iommu.clone()), ..SimSpec::new("a") };
+            assert!(matches!(spec.validate(), Err(SimSpecError::Iommu { .. })), "accepted {iommu:?}");
         }
     }
 
