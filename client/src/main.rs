@@ -4,6 +4,7 @@
 //! 4 job in doubt (needs `resolve`), 5 daemon unreachable.
 
 mod demo;
+mod dirty;
 mod render;
 mod watch;
 
@@ -35,7 +36,7 @@ const EXIT_UNREACHABLE: u8 = 5;
 #[command(
     name = "vfio-migctl",
     version,
-    about = "Control vfio-migd: devices, groups and live migrations of VFIO device groups",
+    about = "Control vfio-migd: devices, groups, live migrations and dirty tracking of VFIO device groups",
     propagate_version = true,
     after_help = "Exit codes: 0 success, 1 failure, 2 usage error, 3 migration rolled back or cancelled, \
                   4 job in doubt (run `resolve`), 5 daemon unreachable."
@@ -96,6 +97,12 @@ enum Command {
         /// whose own journal decides.
         #[arg(long, value_enum)]
         decision: Option<DecisionArg>,
+    },
+    /// Dirty tracking of a group: the guest pages its devices write by DMA, merged into
+    /// one bitmap (DMA logging per device, or the IOMMU's dirty tracking).
+    Dirty {
+        #[command(subcommand)]
+        action: DirtyCmd,
     },
     /// Whether the daemon is serving (exit 0) or not (1); for probes.
     Health,
@@ -220,6 +227,45 @@ enum JobsCmd {
     Show { job_id: String },
 }
 
+#[derive(Debug, Subcommand)]
+enum DirtyCmd {
+    /// Start tracking every device of a group over the guest's IOVA layout; prints which
+    /// source covers each device (devices that cannot be tracked are named, with why).
+    #[command(after_help = "Sizes: decimal or 0x hex, with an optional B, KiB, MiB, GiB or TiB suffix.\n\
+                            Example: vfio-migctl dirty start vm1 --range 0:2GiB --range 4GiB:0x80000000")]
+    Start {
+        /// The group, as `groups define` named it.
+        group: String,
+        /// A guest IOVA range, once per range of the guest's memory layout.
+        #[arg(long = "range", value_name = "IOVA:LENGTH", required = true, value_parser = parse_range)]
+        ranges: Vec<(u64, u64)>,
+        /// Granularity of the group's dirty bitmap (a power of two; default 4KiB).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        page_size: Option<u64>,
+    },
+    /// Stop tracking a group; prints the final statistics. Fails if it was not started.
+    Stop {
+        /// The group, as `groups define` named it.
+        group: String,
+    },
+    /// Which source covers each device of a group, and what it found so far.
+    Status {
+        /// The group, as `groups define` named it.
+        group: String,
+    },
+    /// Read and clear the pages dirtied since the last `pages` (or the start). Prints the
+    /// count and the first runs of dirty pages; --json lists every run.
+    Pages {
+        /// The group, as `groups define` named it.
+        group: String,
+        /// Write every run of dirty pages to FILE instead, one JSON object per line:
+        /// {"iova":N,"length":N} in bytes, sorted by IOVA. The file is created before the
+        /// pages are read (reading clears them on the daemon).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DecisionArg {
     Committed,
@@ -248,20 +294,50 @@ struct HandoffArgs {
     handoff_socket: PathBuf,
 }
 
+/// A size or address: decimal or `0x` hex, with an optional binary suffix
+/// (`4096`, `0x1000`, `64KiB`, `2G`, `1TiB`).
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 =
-        digits.parse().map_err(|_| format!("`{text}` is not a size like 4096, 64KiB or 2GiB"))?;
+    let what = || format!("`{text}` is not a size like 4096, 0x1000, 64KiB or 2GiB");
+    let (digits, unit, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => {
+            let split = hex.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(hex.len());
+            (&hex[..split], &hex[split..], 16)
+        }
+        None => {
+            let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+            (&text[..split], &text[split..], 10)
+        }
+    };
+    if digits.is_empty() {
+        return Err(what());
+    }
+    let number = u64::from_str_radix(digits, radix).map_err(|_| format!("`{text}` is too large"))?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" => 1 << 10,
         "MiB" | "M" => 1 << 20,
         "GiB" | "G" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB or GiB)")),
+        "TiB" | "T" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB or TiB)")),
     };
     number.checked_mul(multiplier).ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// `IOVA:LENGTH`, both sizes as [`parse_size`] reads them.
+fn parse_range(text: &str) -> Result<(u64, u64), String> {
+    let Some((iova, length)) = text.split_once(':') else {
+        return Err(format!("`{text}` is not IOVA:LENGTH (e.g. 0:2GiB or 0x100000000:0x40000000)"));
+    };
+    let iova = parse_size(iova).map_err(|e| format!("IOVA of `{text}`: {e}"))?;
+    let length = parse_size(length).map_err(|e| format!("length of `{text}`: {e}"))?;
+    if length == 0 {
+        return Err(format!("`{text}`: the length must not be zero"));
+    }
+    if iova.checked_add(length).is_none() {
+        return Err(format!("`{text}` ends past the 64-bit IOVA space"));
+    }
+    Ok((iova, length))
 }
 
 fn parse_mapping(text: &str) -> Result<(String, String), String> {
@@ -445,6 +521,7 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
             }
         },
         Command::Watch { job_id } => follow(&mut client, job_id, json).await,
+        Command::Dirty { action } => dirty_tracking(&mut client, action, json).await,
         Command::Cancel { job_id } => {
             let job = client.cancel_job(pb::CancelJobRequest { job_id: job_id.clone() }).await?.into_inner();
             emit(json, || render::job_json(&job), || format!("job {} cancellation requested\n", job.job_id));
@@ -599,6 +676,81 @@ async fn migrate(client: &mut ControlClient<Channel>, args: &MigrateArgs, json: 
     follow(client, &job_id, json).await
 }
 
+async fn dirty_tracking(
+    client: &mut ControlClient<Channel>,
+    action: &DirtyCmd,
+    json: bool,
+) -> Result<u8, Failure> {
+    match action {
+        DirtyCmd::Start { group, ranges, page_size } => {
+            let tracking = client
+                .start_dirty_tracking(pb::StartDirtyTrackingRequest {
+                    group: group.clone(),
+                    ranges: ranges.iter().map(|&(iova, length)| pb::IovaRange { iova, length }).collect(),
+                    page_size: page_size.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            emit(json, || render::dirty_tracking_json(&tracking), || render::dirty_tracking_text(&tracking));
+        }
+        DirtyCmd::Stop { group } => {
+            let tracking = client
+                .stop_dirty_tracking(pb::StopDirtyTrackingRequest { group: group.clone() })
+                .await?
+                .into_inner();
+            // The daemon's stop is idempotent (a migration's end stops tracking too); an
+            // operator asking to stop what never ran has the wrong group or a stale view.
+            if tracking.page_size == 0 {
+                return Err(Failure::new(
+                    EXIT_FAILURE,
+                    format!(
+                        "failed precondition: group `{group}`: dirty tracking is not started (nothing to stop)"
+                    ),
+                ));
+            }
+            emit(json, || render::dirty_tracking_json(&tracking), || render::dirty_tracking_text(&tracking));
+        }
+        DirtyCmd::Status { group } => {
+            let tracking = client
+                .get_dirty_tracking(pb::GetDirtyTrackingRequest { group: group.clone() })
+                .await?
+                .into_inner();
+            emit(json, || render::dirty_tracking_json(&tracking), || render::dirty_tracking_text(&tracking));
+        }
+        DirtyCmd::Pages { group, output } => {
+            // Created first: the call clears the pages it returns, so a file that cannot be
+            // written must fail before anything is read.
+            let mut file = match output {
+                Some(path) => Some(std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| {
+                    Failure::new(EXIT_FAILURE, format!("cannot create {}: {e}", path.display()))
+                })?)),
+                None => None,
+            };
+            let pages =
+                client.get_dirty_pages(pb::GetDirtyPagesRequest { group: group.clone() }).await?.into_inner();
+            let runs = dirty::runs(&pages);
+            let written_to = output.as_ref().map(|path| path.display().to_string());
+            if let (Some(file), Some(path)) = (file.as_mut(), written_to.as_deref()) {
+                dirty::write_runs(file, &runs).map_err(|e| {
+                    Failure::new(
+                        EXIT_FAILURE,
+                        format!(
+                            "writing {path} failed: {e} ({} dirty pages were read and cleared on the daemon)",
+                            pages.dirty_pages
+                        ),
+                    )
+                })?;
+            }
+            emit(
+                json,
+                || dirty::pages_json(group, &pages, &runs, written_to.as_deref()),
+                || dirty::pages_text(group, &pages, &runs, written_to.as_deref()),
+            );
+        }
+    }
+    Ok(0)
+}
+
 /// Follows a job to its end, prints the summary, and turns the outcome into the exit code.
 fn display_for(json: bool) -> Display {
     if json {
@@ -698,7 +850,19 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("0x1000"), Ok(4096));
+        assert_eq!(parse_size("0x2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
         assert!(parse_size("3 parsecs").unwrap_err().contains("unit"));
+        assert!(parse_size("0x").is_err() && parse_size("GiB").is_err());
+        assert!(parse_size("0x10000000000000000").unwrap_err().contains("too large"));
+        assert!(parse_size("16777216TiB").unwrap_err().contains("too large"));
+        assert_eq!(parse_range("0:2GiB"), Ok((0, 2 << 30)));
+        assert_eq!(parse_range("0x100000000:0x40000000"), Ok((1 << 32, 1 << 30)));
+        assert!(parse_range("4096").unwrap_err().contains("IOVA:LENGTH"));
+        assert!(parse_range("0:0").unwrap_err().contains("zero"));
+        assert!(parse_range("0xffffffffffff0000:1MiB").unwrap_err().contains("64-bit"));
+        assert!(parse_range("x:4096").unwrap_err().contains("IOVA of"));
         assert_eq!(parse_mapping("nic0=nic9"), Ok(("nic0".into(), "nic9".into())));
         assert!(parse_mapping("nic0").unwrap_err().contains("SRC=DST"));
         assert!(parse_mapping("a=b=c").is_err());

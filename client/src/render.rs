@@ -1,5 +1,6 @@
-//! How devices, groups, plans and jobs look on the terminal and in `--json`. The JSON
-//! shapes are a stable interface for scripts: snake_case keys, enums as lowercase words.
+//! How devices, groups, plans, jobs and dirty tracking look on the terminal and in
+//! `--json`. The JSON shapes are a stable interface for scripts: snake_case keys, enums as
+//! lowercase words.
 
 use std::fmt::Write;
 
@@ -194,6 +195,7 @@ pub fn job_json(j: &pb::Job) -> Value {
         "created_unix_ns": j.created_unix_ns,
         "finished_unix_ns": j.finished_unix_ns,
         "plan": j.plan,
+        "dirty_tracking": j.dirty_tracking.iter().map(device_coverage_json).collect::<Vec<_>>(),
     })
 }
 
@@ -239,6 +241,10 @@ pub fn job_details(j: &pb::Job) -> String {
         let _ = writeln!(out, "error:    {}", j.error);
     }
     out.push_str(&summary(j));
+    if !j.dirty_tracking.is_empty() {
+        out.push_str("dirty tracking:\n");
+        out.push_str(&coverage_table(&j.dirty_tracking));
+    }
     out
 }
 
@@ -275,6 +281,81 @@ pub fn summary(j: &pb::Job) -> String {
         let phases: Vec<String> =
             j.phases.iter().map(|p| format!("{} {}", p.phase, duration_ns(p.duration_ns))).collect();
         let _ = writeln!(out, "phases:   {}", phases.join(", "));
+    }
+    out
+}
+
+pub fn device_coverage_json(d: &pb::DeviceDirtyCoverage) -> Value {
+    json!({
+        "device": d.device,
+        "source": d.source,
+        "page_size": d.page_size,
+        "reason": d.reason,
+        "dirty_pages": d.dirty_pages,
+        "reports": d.reports,
+        "report_errors": d.report_errors,
+        "last_report_ns": d.last_report_ns,
+    })
+}
+
+fn iova_range_json(r: &pb::IovaRange) -> Value {
+    json!({ "iova": r.iova, "length": r.length })
+}
+
+pub fn dirty_tracking_json(t: &pb::DirtyTracking) -> Value {
+    json!({
+        "group": t.group,
+        "active": t.active,
+        "page_size": t.page_size,
+        "ranges": t.ranges.iter().map(iova_range_json).collect::<Vec<_>>(),
+        "devices": t.devices.iter().map(device_coverage_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The group's tracking: state, layout, and one row per device.
+pub fn dirty_tracking_text(t: &pb::DirtyTracking) -> String {
+    if t.page_size == 0 {
+        return format!("group {}: dirty tracking is not started\n", t.group);
+    }
+    let guest: u64 = t.ranges.iter().map(|r| r.length).sum();
+    let layout: Vec<String> =
+        t.ranges.iter().map(|r| format!("{:#x}+{}", r.iova, HumanBytes(r.length))).collect();
+    let mut out = format!(
+        "group {}: dirty tracking {}, {} pages, {} of guest in {} range(s): {}\n",
+        t.group,
+        if t.active { "active" } else { "stopped" },
+        HumanBytes(t.page_size),
+        HumanBytes(guest),
+        t.ranges.len(),
+        layout.join(", ")
+    );
+    out.push_str(&coverage_table(&t.devices));
+    let uncovered = t.devices.iter().filter(|d| d.source == "none").count();
+    if t.active && uncovered > 0 {
+        let _ = writeln!(out, "{uncovered} device(s) not covered: pages they write by DMA are not reported");
+    }
+    out
+}
+
+/// One row per device: which source covers it and what it found.
+pub fn coverage_table(devices: &[pb::DeviceDirtyCoverage]) -> String {
+    let mut out = format!(
+        "  {:<16} {:<14} {:>9} {:>11} {:>8} {:>7} {:>12}\n",
+        "DEVICE", "SOURCE", "PAGE", "DIRTY PAGES", "REPORTS", "ERRORS", "LAST REPORT"
+    );
+    for d in devices {
+        let page = if d.page_size == 0 { "-".to_owned() } else { HumanBytes(d.page_size).to_string() };
+        let latency =
+            if d.reports + d.report_errors == 0 { "-".to_owned() } else { duration_ns(d.last_report_ns) };
+        let _ = write!(
+            out,
+            "  {:<16} {:<14} {:>9} {:>11} {:>8} {:>7} {:>12}",
+            d.device, d.source, page, d.dirty_pages, d.reports, d.report_errors, latency
+        );
+        if !d.reason.is_empty() {
+            let _ = write!(out, "  {}", d.reason);
+        }
+        out.push('\n');
     }
     out
 }
@@ -331,5 +412,62 @@ mod tests {
         let value = job_json(&job);
         assert_eq!(value["status"], "succeeded");
         assert_eq!(value["role"], "source");
+        assert!(!text.contains("dirty tracking"), "{text}");
+        assert_eq!(value["dirty_tracking"], json!([]));
+    }
+
+    fn coverage() -> Vec<pb::DeviceDirtyCoverage> {
+        vec![
+            pb::DeviceDirtyCoverage {
+                device: "nic0".into(),
+                source: "dma-logging".into(),
+                page_size: 4096,
+                dirty_pages: 12,
+                reports: 3,
+                last_report_ns: 1_500_000,
+                ..Default::default()
+            },
+            pb::DeviceDirtyCoverage {
+                device: "uart0".into(),
+                source: "none".into(),
+                reason: "the driver has no DMA logging".into(),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn a_job_shows_its_devices_dirty_statistics() {
+        let job = pb::Job { job_id: "j1".into(), dirty_tracking: coverage(), ..Default::default() };
+        let text = job_details(&job);
+        assert!(text.contains("dirty tracking:"), "{text}");
+        let nic = text.lines().find(|l| l.contains("nic0") && l.contains("dma-logging")).expect(&text);
+        assert!(nic.contains("4.00 KiB") && nic.contains("12") && nic.contains("1.50 ms"), "{nic}");
+        let uart = text.lines().find(|l| l.contains("uart0")).expect(&text);
+        assert!(uart.contains("none") && uart.contains("the driver has no DMA logging"), "{uart}");
+        let value = job_json(&job);
+        assert_eq!(value["dirty_tracking"][0]["source"], "dma-logging");
+        assert_eq!(value["dirty_tracking"][0]["reports"], 3);
+        assert_eq!(value["dirty_tracking"][1]["reason"], "the driver has no DMA logging");
+    }
+
+    #[test]
+    fn tracking_status_says_whether_it_runs_and_what_is_not_covered() {
+        let tracking = pb::DirtyTracking {
+            group: "vm1".into(),
+            active: true,
+            page_size: 4096,
+            ranges: vec![pb::IovaRange { iova: 1 << 32, length: 2 << 30 }],
+            devices: coverage(),
+        };
+        let text = dirty_tracking_text(&tracking);
+        assert!(text.starts_with("group vm1: dirty tracking active, 4.00 KiB pages, 2.00 GiB"), "{text}");
+        assert!(text.contains("0x100000000+2.00 GiB"), "{text}");
+        assert!(text.contains("1 device(s) not covered"), "{text}");
+        let value = dirty_tracking_json(&tracking);
+        assert_eq!(value["ranges"][0]["iova"], 1u64 << 32);
+        assert_eq!(value["devices"][1]["source"], "none");
+        let untracked = pb::DirtyTracking { group: "vm2".into(), ..Default::default() };
+        assert_eq!(dirty_tracking_text(&untracked), "group vm2: dirty tracking is not started\n");
     }
 }

@@ -1,6 +1,7 @@
 //! Following a job until it ends: progress bars on a terminal (one per device and one for
-//! the group: bytes, rate, ETA, phase), one line per phase change otherwise, nothing with
-//! `--json` (the caller prints the final job).
+//! the group: bytes, rate, ETA, phase; a device's dirty tracking source and pages when its
+//! group is tracked), one line per phase change otherwise, nothing with `--json` (the
+//! caller prints the final job, dirty statistics included).
 
 use std::collections::BTreeMap;
 
@@ -128,6 +129,9 @@ impl Bars {
                 let mut msg = d.state.clone();
                 if d.verified {
                     msg.push_str(" verified");
+                }
+                if let Some(dirty) = job.dirty_tracking.iter().find(|c| c.device == d.name) {
+                    msg.push_str(&format!(" dirty: {} ({} pages)", dirty.source, dirty.dirty_pages));
                 }
                 if !d.error.is_empty() {
                     msg.push_str(&format!(" error: {}", d.error));

@@ -396,3 +396,173 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
     source.stop().await;
     destination.stop().await;
 }
+
+/// Registers a simulated device whose DMA logging, once started, writes `iovas` (one
+/// 4 KiB page each); without `logging` the driver has no DMA logging at all.
+fn add_dma_device(daemon: &Daemon, name: &str, logging: bool, iovas: &[u64]) {
+    use vfio_migd::device::sim::{SimDevice, SimSpec};
+    let mut spec = SimSpec::new(name);
+    spec.state_size = 64 * 1024;
+    spec.dma_logging.supported = logging;
+    spec.dma_logging.writes.iovas = iovas.to_vec();
+    let device = Arc::new(SimDevice::new(spec).unwrap());
+    daemon.registry.add_device(device, vfio_migd::registry::Backend::Sim).unwrap();
+}
+
+fn runs(value: &Value) -> Vec<(u64, u64)> {
+    value["runs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no runs: {value}"))
+        .iter()
+        .map(|r| (r["iova"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_tracking_is_started_read_and_stopped_through_the_cli() {
+    const GIB: u64 = 1 << 30;
+    let served = Served::start().await;
+    let socket = served.socket();
+    add_dma_device(&served.daemon, "nic0", true, &[0x1000, 0x5000]);
+    add_dma_device(&served.daemon, "gpu0", true, &[0x5000, GIB + 0x2000]);
+    add_dma_device(&served.daemon, "uart0", false, &[0x9000]);
+    let defined = migctl(&socket, &["groups", "define", "vm1", "nic0", "gpu0", "uart0"]).await;
+    assert_eq!(defined.status.code(), Some(0), "{}", stderr(&defined));
+
+    // Refusals: usage errors exit 2 before anything is sent, the daemon's exit 1.
+    for (args, text) in [
+        (&["dirty", "start", "vm1", "--range", "4096"][..], "IOVA:LENGTH"),
+        (&["dirty", "start", "vm1", "--range", "0:0"], "must not be zero"),
+        (&["dirty", "start", "vm1", "--range", "0:12parsecs"], "unknown size unit"),
+        (&["dirty", "start", "vm1", "--range", "0xffffffffffffffff:2"], "64-bit"),
+        (&["dirty", "start", "vm1"], "--range"),
+        (&["dirty", "pages"], "GROUP"),
+    ] {
+        let output = migctl(&socket, args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(text), "{args:?}: {}", stderr(&output));
+    }
+    for (args, text) in [
+        (&["dirty", "start", "ghost", "--range", "0:1GiB"][..], "not found: group `ghost` is not defined"),
+        (&["dirty", "status", "ghost"], "not found: group `ghost`"),
+        (&["dirty", "stop", "vm1"], "failed precondition: group `vm1`: dirty tracking is not started"),
+        (&["dirty", "pages", "vm1"], "failed precondition: group `vm1`: dirty tracking is not started"),
+        (&["dirty", "start", "vm1", "--range", "0:1GiB", "--page-size", "3000"], "invalid argument"),
+    ] {
+        let output = migctl(&socket, args).await;
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {}", stdout(&output));
+        let error = one_line_error(&output);
+        assert!(error.contains(text), "{args:?}: {error}");
+    }
+    let status = migctl(&socket, &["dirty", "status", "vm1"]).await;
+    assert_eq!(stdout(&status), "group vm1: dirty tracking is not started\n");
+
+    let started = migctl(
+        &socket,
+        &["--json", "dirty", "start", "vm1", "--range", "0:64MiB", "--range", "0x40000000:16MiB"],
+    )
+    .await;
+    assert_eq!(started.status.code(), Some(0), "{}", stderr(&started));
+    let tracking = json(&started);
+    assert_eq!(tracking["active"], true);
+    assert_eq!(tracking["page_size"], 4096);
+    assert_eq!(tracking["ranges"][1]["iova"], GIB);
+    let again = migctl(&socket, &["dirty", "start", "vm1", "--range", "0:64MiB"]).await;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(one_line_error(&again).contains("already started"));
+
+    // Status names each device's source, and why a device is not covered.
+    let status = migctl(&socket, &["dirty", "status", "vm1"]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let text = stdout(&status);
+    assert!(text.starts_with("group vm1: dirty tracking active, 4.00 KiB pages, 80.00 MiB"), "{text}");
+    let line = |device: &str| text.lines().find(|l| l.contains(device)).unwrap_or_else(|| panic!("{text}"));
+    assert!(line("nic0").contains("dma-logging"), "{text}");
+    assert!(line("gpu0").contains("dma-logging"), "{text}");
+    assert!(line("uart0").contains("none") && line("uart0").contains("DMA logging"), "{text}");
+    let sources = json(&migctl(&socket, &["--json", "dirty", "status", "vm1"]).await);
+    let sources: Vec<(&str, &str)> = sources["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["device"].as_str().unwrap(), d["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(sources, [("nic0", "dma-logging"), ("gpu0", "dma-logging"), ("uart0", "none")]);
+
+    // Exactly the pages the devices wrote, once: reading clears them.
+    let pages = migctl(&socket, &["--json", "dirty", "pages", "vm1"]).await;
+    assert_eq!(pages.status.code(), Some(0), "{}", stderr(&pages));
+    let pages = json(&pages);
+    assert_eq!(pages["dirty_pages"], 3);
+    assert_eq!(runs(&pages), [(0x1000, 4096), (0x5000, 4096), (GIB + 0x2000, 4096)]);
+    let cleared = json(&migctl(&socket, &["--json", "dirty", "pages", "vm1"]).await);
+    assert_eq!(cleared["dirty_pages"], 0);
+    assert_eq!(runs(&cleared), []);
+    let text = stdout(&migctl(&socket, &["dirty", "pages", "vm1"]).await);
+    assert!(text.starts_with("group vm1: 0 dirty page(s)"), "{text}");
+
+    // A running job of the group shows each device's statistics.
+    let job = Job::new("jd", Role::Source, "vm1", "10.0.0.2:7410", vec![("nic0".into(), "nic9".into())]);
+    let job = served.daemon.jobs.insert_or_get(job).0;
+    let shown = migctl(&socket, &["jobs", "show", "jd"]).await;
+    let text = stdout(&shown);
+    assert!(text.contains("dirty tracking:"), "{text}");
+    let nic = text.lines().find(|l| l.contains("nic0") && l.contains("dma-logging")).expect(&text);
+    assert!(nic.contains("4.00 KiB"), "{nic}");
+    let shown = json(&migctl(&socket, &["--json", "jobs", "show", "jd"]).await);
+    assert_eq!(shown["dirty_tracking"][0]["device"], "nic0");
+    assert_eq!(shown["dirty_tracking"][0]["dirty_pages"], 2);
+    assert_eq!(shown["dirty_tracking"][0]["reports"], 3);
+    job.finish(JobStatus::Succeeded, None);
+
+    let stopped = migctl(&socket, &["dirty", "stop", "vm1"]).await;
+    assert_eq!(stopped.status.code(), Some(0), "{}", stderr(&stopped));
+    assert!(stdout(&stopped).starts_with("group vm1: dirty tracking stopped"), "{}", stdout(&stopped));
+    let stopped_again = migctl(&socket, &["--json", "dirty", "stop", "vm1"]).await;
+    assert_eq!(stopped_again.status.code(), Some(1));
+    assert!(one_line_error(&stopped_again).contains("not started"));
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_pages_go_to_a_file_as_json_lines() {
+    let served = Served::start().await;
+    let socket = served.socket();
+    add_dma_device(&served.daemon, "nic0", true, &[0x3000, 0x4000, 0x8000]);
+    assert_eq!(migctl(&socket, &["groups", "define", "vm1", "nic0"]).await.status.code(), Some(0));
+    let dir = tempfile::tempdir().unwrap();
+
+    // A file that cannot be created fails before the pages are read (and cleared).
+    assert_eq!(migctl(&socket, &["dirty", "start", "vm1", "--range", "0:1MiB"]).await.status.code(), Some(0));
+    let missing = dir.path().join("no/such/dir/pages.jsonl");
+    let refused = migctl(&socket, &["dirty", "pages", "vm1", "--output", missing.to_str().unwrap()]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(one_line_error(&refused).contains("cannot create"));
+
+    let file = dir.path().join("pages.jsonl");
+    let written = migctl(&socket, &["dirty", "pages", "vm1", "--output", file.to_str().unwrap()]).await;
+    assert_eq!(written.status.code(), Some(0), "{}", stderr(&written));
+    let text = stdout(&written);
+    assert!(text.starts_with("group vm1: 3 dirty page(s)") && text.contains("2 run(s)"), "{text}");
+    assert!(text.contains("pages.jsonl"), "{text}");
+    let lines: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            serde_json::json!({ "iova": 0x3000, "length": 0x2000 }),
+            serde_json::json!({ "iova": 0x8000, "length": 0x1000 })
+        ]
+    );
+    let summary = json(
+        &migctl(&socket, &["--json", "dirty", "pages", "vm1", "--output", file.to_str().unwrap()]).await,
+    );
+    assert_eq!(summary["dirty_pages"], 0);
+    assert_eq!(summary["output"], file.to_str().unwrap());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
+    assert_eq!(migctl(&socket, &["dirty", "stop", "vm1"]).await.status.code(), Some(0));
+    served.stop().await;
+}

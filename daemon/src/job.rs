@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::dirty::DeviceCoverage;
 use crate::fsm::State;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +138,10 @@ pub struct JobSnapshot {
     pub finished_unix_ns: Option<u64>,
     pub created: Instant,
     pub finished: Option<Instant>,
+    /// Dirty tracking statistics of the job's devices, kept when tracking of their group
+    /// stopped while the job ran or when it ended (`Some(empty)`: the group was not
+    /// tracked then); `None` until then. `Daemon::job_view` puts in what the API shows.
+    pub dirty_tracking: Option<Vec<DeviceCoverage>>,
 }
 
 impl JobSnapshot {
@@ -216,6 +221,7 @@ impl Job {
             finished_unix_ns: None,
             created: now,
             finished: None,
+            dirty_tracking: None,
         };
         Arc::new(Job {
             snapshot: Mutex::new(snapshot),

@@ -428,15 +428,60 @@ async fn tracking_stops_when_a_migration_of_the_group_ends() {
     let rolled_back = migrate_group(&src, &dst, "job-rollback").await;
     assert_eq!(rolled_back.status, JobStatus::RolledBack, "{:?}", rolled_back.error);
     assert!(src.devices.iter().all(|d| !d.dma_logging_active()));
+    // The ended job keeps what tracking had found when it stopped (no report was read).
+    assert_kept(
+        &src.daemon,
+        "job-rollback",
+        &[("src-a", "dma-logging", 0, 0), ("src-b", "dma-logging", 0, 0), ("src-c", "none", 0, 0)],
+    );
+    // The destination's devices are in no group: nothing to show.
+    assert_eq!(dst.daemon.job_view(&dst.daemon.job("job-rollback").unwrap()).dirty_tracking, Some(vec![]));
 
-    // A successful migration, tracked from the start.
+    // A successful migration, tracked from the start, to a destination whose devices are
+    // a tracked group too.
     src.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
     src.devices[0].dma_write(MIB, PAGE);
     assert_eq!(src.daemon.dirty_pages("vm").await.unwrap().dirty_pages(), 1);
+    dst.daemon
+        .registry
+        .define_group(GroupDef {
+            name: "vm-dst".into(),
+            devices: dst.devices.iter().map(|d| d.name().to_owned()).collect(),
+            allow_multiple_non_p2p: false,
+        })
+        .unwrap();
+    dst.daemon.start_dirty_tracking("vm-dst", guest(), 0).await.unwrap();
+    dst.devices[1].dma_write(GIB, PAGE);
+    assert_eq!(dst.daemon.dirty_pages("vm-dst").await.unwrap().dirty_pages(), 1);
     let succeeded = migrate_group(&src, &dst, "job-ok").await;
     assert_eq!(succeeded.status, JobStatus::Succeeded, "{:?}", succeeded.error);
     assert!(src.devices.iter().all(|d| !d.dma_logging_active()));
     assert!(matches!(src.daemon.dirty_pages("vm").await, Err(EngineError::FailedPrecondition(_))));
+    assert_kept(
+        &src.daemon,
+        "job-ok",
+        &[("src-a", "dma-logging", 1, 1), ("src-b", "dma-logging", 0, 1), ("src-c", "none", 0, 0)],
+    );
+    // A destination does not stop its group's tracking; its job keeps the figures it had
+    // when it ended, whatever later rounds find.
+    assert!(dst.daemon.dirty_tracking("vm-dst").await.unwrap().active);
+    dst.devices[2].dma_write(0, PAGE);
+    assert_eq!(dst.daemon.dirty_pages("vm-dst").await.unwrap().dirty_pages(), 1);
+    assert_kept(
+        &dst.daemon,
+        "job-ok",
+        &[("dst-a", "dma-logging", 0, 1), ("dst-b", "dma-logging", 1, 1), ("dst-c", "dma-logging", 0, 1)],
+    );
+    dst.daemon.stop_dirty_tracking("vm-dst").await.unwrap();
+}
+
+/// What the API shows of a job's dirty statistics: device, source, dirty pages, reports.
+fn assert_kept(daemon: &Daemon, job_id: &str, expected: &[(&str, &str, u64, u64)]) {
+    let view = daemon.job_view(&daemon.job(job_id).unwrap());
+    let kept = view.dirty_tracking.expect("an ended job keeps its statistics");
+    let shown: Vec<(&str, &str, u64, u64)> =
+        kept.iter().map(|d| (d.device.as_str(), d.source, d.dirty_pages, d.reports)).collect();
+    assert_eq!(shown, expected, "job {job_id}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,5 +562,156 @@ async fn the_control_api_starts_reads_and_stops_tracking() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     drop(control);
+    daemon.stop().await.unwrap();
+}
+
+/// Migrates group `vm` (job `j-dirty`) to `peer`, which never answers: the job stays in
+/// its handshake until it is cancelled.
+fn started_request(devices: &[String], peer: &std::net::TcpListener) -> pb::StartMigrationRequest {
+    pb::StartMigrationRequest {
+        job_id: "j-dirty".into(),
+        group: "vm".into(),
+        peer: peer.local_addr().unwrap().to_string(),
+        mapping: devices
+            .iter()
+            .map(|n| pb::DeviceMapping { source: n.clone(), destination: format!("{n}-dst") })
+            .collect(),
+        phase_timeout_ms: 600_000,
+        data_connections: 0,
+    }
+}
+
+fn by_device(stats: &[pb::DeviceDirtyCoverage]) -> Vec<(&str, &str, u64, u64)> {
+    stats.iter().map(|d| (d.device.as_str(), d.source.as_str(), d.dirty_pages, d.reports)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_shows_its_devices_dirty_statistics_live_and_keeps_the_last_ones_when_it_ends() {
+    let daemon = support::TestDaemon::start().await;
+    let mut names = Vec::new();
+    let mut sims = Vec::new();
+    // Each logging device writes its `iovas` as soon as logging starts.
+    for (name, logging, iovas) in
+        [("job-a", true, vec![0x1000, 0x5000]), ("job-b", true, vec![GIB]), ("job-c", false, vec![0x9000])]
+    {
+        let mut spec = sim(name, logging, 5);
+        spec.dma_logging.writes.iovas = iovas;
+        let device = Arc::new(SimDevice::new(spec).unwrap());
+        daemon.daemon.registry.add_device(device.clone(), Backend::Sim).unwrap();
+        names.push(name.to_owned());
+        sims.push(device);
+    }
+    let mut control = daemon.control().await;
+    control
+        .define_group(pb::DefineGroupRequest {
+            name: "vm".into(),
+            devices: names.clone(),
+            allow_multiple_non_p2p: false,
+        })
+        .await
+        .unwrap();
+    let ranges = guest().iter().map(|r| pb::IovaRange { iova: r.iova, length: r.length }).collect();
+    control
+        .start_dirty_tracking(pb::StartDirtyTrackingRequest { group: "vm".into(), ranges, page_size: 0 })
+        .await
+        .unwrap();
+
+    let silent_peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let started = control.start_migration(started_request(&names, &silent_peer)).await.unwrap().into_inner();
+    assert_eq!(started.status(), pb::JobStatus::Running);
+    assert_eq!(
+        by_device(&started.dirty_tracking),
+        [("job-a", "dma-logging", 0, 0), ("job-b", "dma-logging", 0, 0), ("job-c", "none", 0, 0)]
+    );
+    assert_eq!(started.dirty_tracking[0].page_size, PAGE);
+    assert!(started.dirty_tracking[2].reason.contains("DMA logging"), "{:?}", started.dirty_tracking[2]);
+
+    // A report round shows up in the running job, and wakes its watchers.
+    let mut watch =
+        control.watch_job(pb::WatchJobRequest { job_id: "j-dirty".into() }).await.unwrap().into_inner();
+    assert!(watch.message().await.unwrap().unwrap().dirty_tracking.iter().all(|d| d.reports == 0));
+    let pages =
+        control.get_dirty_pages(pb::GetDirtyPagesRequest { group: "vm".into() }).await.unwrap().into_inner();
+    assert_eq!(pages.dirty_pages, 3);
+    let live = [("job-a", "dma-logging", 2, 1), ("job-b", "dma-logging", 1, 1), ("job-c", "none", 0, 0)];
+    let watched = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let snapshot = watch.message().await.unwrap().expect("the job is still running");
+            if snapshot.dirty_tracking.iter().any(|d| d.reports > 0) {
+                return snapshot;
+            }
+        }
+    })
+    .await
+    .expect("the watcher saw the report round");
+    assert_eq!(watched.status(), pb::JobStatus::Running);
+    assert_eq!(by_device(&watched.dirty_tracking), live);
+    let shown = control.get_job(pb::GetJobRequest { job_id: "j-dirty".into() }).await.unwrap().into_inner();
+    assert_eq!(shown.status(), pb::JobStatus::Running);
+    assert_eq!(by_device(&shown.dirty_tracking), live);
+    assert!(shown.dirty_tracking[..2].iter().all(|d| d.last_report_ns > 0 && d.report_errors == 0));
+    let listed = control.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    assert_eq!(by_device(&listed[0].dirty_tracking), live);
+
+    // The job ends (cancelled in its handshake): tracking stops, the job keeps the
+    // statistics it had at that stop, sources included.
+    control.cancel_job(pb::CancelJobRequest { job_id: "j-dirty".into() }).await.unwrap();
+    let snapshot = wait_finished(&daemon.daemon, "j-dirty").await;
+    assert_eq!(snapshot.status, JobStatus::Cancelled, "{:?}", snapshot.error);
+    wait_tracking_stopped(&daemon.daemon).await;
+    assert!(sims.iter().all(|d| !d.dma_logging_active()));
+    let tracking = control
+        .get_dirty_tracking(pb::GetDirtyTrackingRequest { group: "vm".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!tracking.active && tracking.devices.is_empty());
+    let ended = control.get_job(pb::GetJobRequest { job_id: "j-dirty".into() }).await.unwrap().into_inner();
+    assert_eq!(ended.status(), pb::JobStatus::Cancelled);
+    assert_eq!(by_device(&ended.dirty_tracking), live);
+    assert_eq!(ended.dirty_tracking, shown.dirty_tracking);
+    // Tracking the group again does not change what the ended job shows.
+    control
+        .start_dirty_tracking(pb::StartDirtyTrackingRequest {
+            group: "vm".into(),
+            ranges: vec![pb::IovaRange { iova: 0, length: MIB }],
+            page_size: 0,
+        })
+        .await
+        .unwrap();
+    let listed = control.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    assert_eq!(listed[0].dirty_tracking, shown.dirty_tracking);
+    control.stop_dirty_tracking(pb::StopDirtyTrackingRequest { group: "vm".into() }).await.unwrap();
+
+    // A job of a group that was not tracked shows nothing, even once the group is.
+    let mut untracked = started_request(&names, &silent_peer);
+    untracked.job_id = "j-untracked".into();
+    let running = control.start_migration(untracked).await.unwrap().into_inner();
+    assert!(running.dirty_tracking.is_empty());
+    control.cancel_job(pb::CancelJobRequest { job_id: "j-untracked".into() }).await.unwrap();
+    wait_finished(&daemon.daemon, "j-untracked").await;
+    let job = daemon.daemon.job("j-untracked").unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut changes = job.subscribe();
+        while job.snapshot().dirty_tracking.is_none() {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the job's end was handled");
+    control
+        .start_dirty_tracking(pb::StartDirtyTrackingRequest {
+            group: "vm".into(),
+            ranges: vec![pb::IovaRange { iova: 0, length: MIB }],
+            page_size: 0,
+        })
+        .await
+        .unwrap();
+    let ended =
+        control.get_job(pb::GetJobRequest { job_id: "j-untracked".into() }).await.unwrap().into_inner();
+    assert_eq!(ended.status(), pb::JobStatus::Cancelled);
+    assert!(ended.dirty_tracking.is_empty(), "{:?}", ended.dirty_tracking);
+    control.stop_dirty_tracking(pb::StopDirtyTrackingRequest { group: "vm".into() }).await.unwrap();
+    drop((control, silent_peer));
     daemon.stop().await.unwrap();
 }

@@ -69,8 +69,8 @@ fn required(value: &str, field: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn job_response(job: &Job) -> Response<pb::Job> {
-    Response::new(job_to_proto(&job.snapshot()))
+fn job_response(daemon: &Daemon, job: &Job) -> Response<pb::Job> {
+    Response::new(job_to_proto(&daemon.job_view(job)))
 }
 
 #[tonic::async_trait]
@@ -218,7 +218,7 @@ impl pb::control_server::Control for ControlService {
         }
         self.accepting_jobs(&req.job_id)?;
         let job = self.daemon.prepare_incoming(&req.job_id, req.devices).await?;
-        Ok(job_response(&job))
+        Ok(job_response(&self.daemon, &job))
     }
 
     async fn start_migration(
@@ -246,14 +246,14 @@ impl pb::control_server::Control for ControlService {
                 data_connections: req.data_connections as usize,
             })
             .await?;
-        Ok(job_response(&job))
+        Ok(job_response(&self.daemon, &job))
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let job_id = request.into_inner().job_id;
         required(&job_id, "job_id")?;
         let job = self.daemon.job(&job_id)?;
-        Ok(job_response(&job))
+        Ok(job_response(&self.daemon, &job))
     }
 
     async fn list_jobs(
@@ -261,7 +261,7 @@ impl pb::control_server::Control for ControlService {
         _request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let mut jobs: Vec<pb::Job> =
-            self.daemon.jobs.list().iter().map(|j| job_to_proto(&j.snapshot())).collect();
+            self.daemon.jobs.list().iter().map(|j| job_to_proto(&self.daemon.job_view(j))).collect();
         jobs.sort_by_key(|j| j.created_unix_ns);
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
@@ -276,7 +276,7 @@ impl pb::control_server::Control for ControlService {
         required(&job_id, "job_id")?;
         let job = self.daemon.job(&job_id)?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(stream_job(job, tx, self.shutdown.clone()));
+        tokio::spawn(stream_job(self.daemon.clone(), job, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -285,7 +285,7 @@ impl pb::control_server::Control for ControlService {
         required(&job_id, "job_id")?;
         let job = self.daemon.cancel(&job_id)?;
         tracing::info!(job = %job_id, "cancellation requested");
-        Ok(job_response(&job))
+        Ok(job_response(&self.daemon, &job))
     }
 
     async fn resolve_job(
@@ -296,7 +296,7 @@ impl pb::control_server::Control for ControlService {
         required(&req.job_id, "job_id")?;
         let decision = decision_from_proto(req.decision)?;
         let job = self.daemon.resolve(&req.job_id, decision).await?;
-        Ok(job_response(&job))
+        Ok(job_response(&self.daemon, &job))
     }
 
     async fn start_dirty_tracking(
@@ -329,16 +329,31 @@ impl pb::control_server::Control for ControlService {
         let export = self.daemon.dirty_pages(&group).await?;
         Ok(Response::new(super::convert::dirty_pages_to_proto(&export)))
     }
+
+    async fn get_dirty_tracking(
+        &self,
+        request: Request<pb::GetDirtyTrackingRequest>,
+    ) -> Result<Response<pb::DirtyTracking>, Status> {
+        let group = request.into_inner().group;
+        required(&group, "group")?;
+        let status = self.daemon.dirty_tracking(&group).await?;
+        Ok(Response::new(super::convert::dirty_tracking_to_proto(&status)))
+    }
 }
 
 /// Sends a snapshot of `job` on every change (at most one per [`WATCH_MIN_INTERVAL`]),
 /// always the final one, and ends when the job has finished, the watcher hung up or the
 /// daemon shuts down.
-async fn stream_job(job: Arc<Job>, tx: mpsc::Sender<Result<pb::Job, Status>>, shutdown: CancellationToken) {
+async fn stream_job(
+    daemon: Arc<Daemon>,
+    job: Arc<Job>,
+    tx: mpsc::Sender<Result<pb::Job, Status>>,
+    shutdown: CancellationToken,
+) {
     let mut changes = job.subscribe();
     loop {
         changes.borrow_and_update();
-        let snapshot = job.snapshot();
+        let snapshot = daemon.job_view(&job);
         let finished = snapshot.status.is_finished();
         let sent_bytes = snapshot.bytes_done();
         let sent_at = Instant::now();

@@ -10,7 +10,7 @@ use crate::device::open::DeviceSummary;
 use crate::device::sim::SimSpec;
 use crate::device::{DeviceError, ErrorKind, IovaRange};
 use crate::dirty::DirtyExport;
-use crate::engine::dirty::DirtyTrackingStatus;
+use crate::engine::dirty::{DeviceCoverage, DirtyTrackingStatus};
 use crate::engine::{Decision, EngineError, GroupPlan};
 use crate::fsm::Caps;
 use crate::job::{JobSnapshot, JobStatus, Role};
@@ -150,6 +150,7 @@ pub fn job_to_proto(s: &JobSnapshot) -> pb::Job {
         created_unix_ns: s.created_unix_ns,
         finished_unix_ns: s.finished_unix_ns.unwrap_or(0),
         plan: s.plan.clone(),
+        dirty_tracking: s.dirty_tracking.iter().flatten().map(device_coverage_to_proto).collect(),
     }
 }
 
@@ -223,18 +224,20 @@ pub fn dirty_tracking_to_proto(status: &DirtyTrackingStatus) -> pb::DirtyTrackin
         active: status.active,
         page_size: status.page_size,
         ranges: iova_ranges_to_proto(&status.ranges),
-        devices: status
-            .devices
-            .iter()
-            .map(|d| pb::DeviceDirtyCoverage {
-                device: d.device.clone(),
-                source: d.source.to_owned(),
-                page_size: d.page_size.unwrap_or(0),
-                reason: d.reason.clone().unwrap_or_default(),
-                dirty_pages: d.dirty_pages,
-                last_report_ns: d.last_report_latency.map_or(0, nanos),
-            })
-            .collect(),
+        devices: status.devices.iter().map(device_coverage_to_proto).collect(),
+    }
+}
+
+fn device_coverage_to_proto(d: &DeviceCoverage) -> pb::DeviceDirtyCoverage {
+    pb::DeviceDirtyCoverage {
+        device: d.device.clone(),
+        source: d.source.to_owned(),
+        page_size: d.page_size.unwrap_or(0),
+        reason: d.reason.clone().unwrap_or_default(),
+        dirty_pages: d.dirty_pages,
+        last_report_ns: d.last_report_latency.map_or(0, nanos),
+        reports: d.reports,
+        report_errors: d.report_errors,
     }
 }
 
@@ -311,5 +314,37 @@ mod tests {
         assert_eq!(pb.phases[0].phase, "drain");
         assert!(pb.error.contains("nic0"));
         assert!(pb.finished_unix_ns >= pb.created_unix_ns);
+        assert!(pb.dirty_tracking.is_empty());
+    }
+
+    #[test]
+    fn a_job_carries_the_dirty_statistics_of_its_devices() {
+        let job = Job::new("j2", Role::Source, "vm1", "peer:7410", vec![("nic0".into(), "nic9".into())]);
+        job.update(|s| {
+            s.dirty_tracking = Some(vec![DeviceCoverage {
+                device: "nic0".into(),
+                source: "dma-logging",
+                page_size: Some(4096),
+                reason: None,
+                dirty_pages: 12,
+                reports: 3,
+                report_errors: 1,
+                last_report_latency: Some(Duration::from_micros(250)),
+            }]);
+        });
+        let pb = job_to_proto(&job.snapshot());
+        assert_eq!(
+            pb.dirty_tracking,
+            [pb::DeviceDirtyCoverage {
+                device: "nic0".into(),
+                source: "dma-logging".into(),
+                page_size: 4096,
+                reason: String::new(),
+                dirty_pages: 12,
+                last_report_ns: 250_000,
+                reports: 3,
+                report_errors: 1,
+            }]
+        );
     }
 }

@@ -502,6 +502,7 @@ impl Daemon {
             }
         }
         incoming.release();
+        self.keep_dirty_statistics(&job);
         if errors.is_empty() {
             job.finish(JobStatus::Succeeded, None);
         } else {
@@ -572,6 +573,7 @@ impl Daemon {
         }
         incoming.release();
         let message = if errors.is_empty() { message } else { format!("{message}; {}", errors.join("; ")) };
+        self.keep_dirty_statistics(job);
         job.finish(if errors.is_empty() { status } else { JobStatus::Failed }, Some(message));
         self.jobs.retire(&job.id());
     }

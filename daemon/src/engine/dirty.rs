@@ -4,7 +4,10 @@
 //!
 //! Every tracker call blocks on device ioctls (and building a tracker allocates the group
 //! bitmap, up to tens of MiB), so each runs on a blocking thread; the tracker's own mutex
-//! is only ever taken there.
+//! is only ever taken there. Job snapshots show the statistics of their devices without
+//! waiting for a report round: every tracker call publishes the status it leaves, and a
+//! stop keeps the last statistics in the jobs of the group, so that a job that ended
+//! still says which source covered each device and what it found.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -13,17 +16,39 @@ use crate::device::{ErrorKind, IovaRange, MigrationDevice};
 use crate::dirty::bitmap::DEFAULT_PAGE_SIZE;
 use crate::dirty::{Coverage, DirtyExport, DirtyTracker, TrackerConfig, TrackerError};
 use crate::engine::{Daemon, EngineError};
+use crate::job::{Job, JobSnapshot};
 
 /// A group's tracker, shared between the calls that use it.
 #[derive(Debug)]
 pub struct GroupTracking {
     group: String,
     tracker: Mutex<DirtyTracker>,
+    /// The status the last tracker call left, for readers that must not wait while a
+    /// report round holds the tracker. Only written with the tracker locked.
+    published: Mutex<DirtyTrackingStatus>,
 }
 
 impl GroupTracking {
+    fn new(group: &str, tracker: DirtyTracker) -> GroupTracking {
+        GroupTracking {
+            group: group.to_owned(),
+            published: Mutex::new(DirtyTrackingStatus::of(group, &tracker)),
+            tracker: Mutex::new(tracker),
+        }
+    }
+
     fn tracker(&self) -> MutexGuard<'_, DirtyTracker> {
-        self.tracker.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.tracker)
+    }
+
+    fn publish(&self, tracker: &DirtyTracker) -> DirtyTrackingStatus {
+        let status = DirtyTrackingStatus::of(&self.group, tracker);
+        lock(&self.published).clone_from(&status);
+        status
+    }
+
+    fn published(&self) -> MutexGuard<'_, DirtyTrackingStatus> {
+        lock(&self.published)
     }
 }
 
@@ -130,7 +155,7 @@ impl Daemon {
         let tracker = run_blocking(group, move || DirtyTracker::for_devices(&devices, &ranges, config))
             .await?
             .map_err(|e| tracker_error(group, e))?;
-        let tracking = Arc::new(GroupTracking { group: group.to_owned(), tracker: Mutex::new(tracker) });
+        let tracking = Arc::new(GroupTracking::new(group, tracker));
         {
             let mut trackers = lock(&self.dirty);
             if let Some(existing) = trackers.get(group) {
@@ -150,7 +175,7 @@ impl Daemon {
         let starting = tracking.clone();
         let started = run_blocking(group, move || {
             let mut tracker = starting.tracker();
-            tracker.start().map(|()| DirtyTrackingStatus::of(&starting.group, &tracker))
+            tracker.start().map(|()| starting.publish(&tracker))
         })
         .await
         .and_then(|r| r.map_err(|e| tracker_error(group, e)));
@@ -158,6 +183,7 @@ impl Daemon {
             Ok(status) => {
                 let covered = status.devices.iter().filter(|d| d.source != "none").count();
                 tracing::info!(group, covered, devices = status.devices.len(), "dirty tracking started");
+                self.touch_jobs_on(group);
                 Ok(status)
             }
             Err(e) => {
@@ -173,15 +199,42 @@ impl Daemon {
     /// (a snapshot never says "inactive" while a device still logs); when a device fails
     /// to stop, the next call tries that device again.
     pub async fn stop_dirty_tracking(&self, group: &str) -> Result<DirtyTrackingStatus, EngineError> {
+        self.stop_tracking(group, None).await
+    }
+
+    /// Stops `group`'s tracking, first keeping its statistics in the jobs of the group
+    /// that have not ended, and in `ending` (the job whose end stops it).
+    async fn stop_tracking(
+        &self,
+        group: &str,
+        ending: Option<&Arc<Job>>,
+    ) -> Result<DirtyTrackingStatus, EngineError> {
         self.registry.group(group)?;
         let Some(tracking) = lock(&self.dirty).get(group).cloned() else {
+            if let Some(ending) = ending {
+                // Tracking the group later must not show up in a job that has ended.
+                ending.update(|s| {
+                    s.dirty_tracking.get_or_insert_with(Vec::new);
+                });
+            }
             return Ok(DirtyTrackingStatus::untracked(group));
         };
+        let mut jobs = self.jobs_on_group(group);
+        if let Some(ending) = ending
+            && !jobs.iter().any(|job| Arc::ptr_eq(job, ending))
+        {
+            jobs.push(ending.clone());
+        }
         let stopping = tracking.clone();
         let (stopped, status) = run_blocking(group, move || {
             let mut tracker = stopping.tracker();
+            // Before the stop: afterwards a source no longer says what covered its devices.
+            let last = DirtyTrackingStatus::of(&stopping.group, &tracker);
+            for job in &jobs {
+                keep_statistics(job, &last);
+            }
             let result = tracker.stop();
-            (result, DirtyTrackingStatus::of(&stopping.group, &tracker))
+            (result, stopping.publish(&tracker))
         })
         .await?;
         stopped.map_err(|e| tracker_error(group, e))?;
@@ -194,7 +247,7 @@ impl Daemon {
     /// (or the start), clearing them.
     pub async fn dirty_pages(&self, group: &str) -> Result<DirtyExport, EngineError> {
         let tracking = self.group_tracking(group)?;
-        run_blocking(group, move || {
+        let exported = run_blocking(group, move || {
             let mut tracker = tracking.tracker();
             let round = tracker.report()?;
             for lost in &round.lost {
@@ -206,10 +259,15 @@ impl Daemon {
                     "dirty log lost: its whole range is reported dirty"
                 );
             }
-            Ok(tracker.export_and_clear())
+            let export = tracker.export_and_clear();
+            tracking.publish(&tracker);
+            Ok(export)
         })
         .await?
-        .map_err(|e| tracker_error(group, e))
+        .map_err(|e| tracker_error(group, e));
+        // The round moved the statistics that watchers of the group's jobs see.
+        self.touch_jobs_on(group);
+        exported
     }
 
     /// The group's tracking now: coverage per device and statistics.
@@ -222,15 +280,89 @@ impl Daemon {
         run_blocking(group, move || DirtyTrackingStatus::of(&tracking.group, &tracking.tracker())).await
     }
 
-    /// Called when a migration of `group` has ended, whatever its outcome: the dirty log
-    /// served that migration, and logging left on costs the devices throughput.
-    pub(crate) async fn stop_dirty_tracking_after_job(&self, group: &str, job_id: &str) {
-        if !lock(&self.dirty).contains_key(group) {
-            return;
-        }
-        match self.stop_dirty_tracking(group).await {
+    /// Called when a migration has ended, whatever its outcome: the dirty log served that
+    /// migration, and logging left on costs the devices throughput. The job keeps the
+    /// statistics its group's tracking had at this stop (none if the group was not tracked).
+    pub(crate) async fn stop_dirty_tracking_after_job(&self, job: &Arc<Job>) {
+        let snapshot = job.snapshot();
+        let (group, job_id) = (snapshot.group.as_str(), snapshot.job_id.as_str());
+        match self.stop_tracking(group, Some(job)).await {
+            // The group was not tracked.
+            Ok(status) if status.page_size == 0 => {}
             Ok(_) => tracing::info!(group, job = job_id, "dirty tracking stopped: the migration ended"),
             Err(e) => tracing::warn!(group, job = job_id, error = %e, "stopping dirty tracking failed"),
+        }
+    }
+
+    /// Called before a job that does not stop tracking (a destination's) ends: it keeps
+    /// the statistics its devices have now.
+    pub(crate) fn keep_dirty_statistics(&self, job: &Job) {
+        let live = self.live_statistics(&job.snapshot());
+        job.update(|s| match live {
+            Some(live) => s.dirty_tracking = Some(live),
+            None => {
+                s.dirty_tracking.get_or_insert_with(Vec::new);
+            }
+        });
+    }
+
+    /// What the API shows of `job`: its snapshot with the dirty tracking statistics of
+    /// its devices, live while the job has not ended and their group is tracked, else
+    /// those the job kept.
+    pub fn job_view(&self, job: &Job) -> JobSnapshot {
+        let mut snapshot = job.snapshot();
+        let ended = snapshot.status.is_finished() && snapshot.dirty_tracking.is_some();
+        if !ended && let Some(live) = self.live_statistics(&snapshot) {
+            snapshot.dirty_tracking = Some(live);
+        }
+        snapshot
+    }
+
+    /// The published statistics of the job's devices whose group is being tracked.
+    fn live_statistics(&self, job: &JobSnapshot) -> Option<Vec<DeviceCoverage>> {
+        let groups: Vec<(&str, String)> = job
+            .devices
+            .iter()
+            .filter_map(|d| Some((d.name.as_str(), self.group_of_job_device(job, &d.name)?)))
+            .collect();
+        let trackers = lock(&self.dirty);
+        let live: Vec<DeviceCoverage> = groups
+            .iter()
+            .filter_map(|(device, group)| {
+                let published = trackers.get(group)?.published();
+                if !published.active {
+                    return None;
+                }
+                published.devices.iter().find(|d| d.device == *device).cloned()
+            })
+            .collect();
+        (!live.is_empty()).then_some(live)
+    }
+
+    /// A source job migrates its group; a destination job's devices may belong to a
+    /// group of this daemon.
+    fn group_of_job_device(&self, job: &JobSnapshot, device: &str) -> Option<String> {
+        if job.group.is_empty() { self.registry.group_of(device) } else { Some(job.group.clone()) }
+    }
+
+    /// The jobs that have not ended and hold a device of `group`.
+    fn jobs_on_group(&self, group: &str) -> Vec<Arc<Job>> {
+        self.jobs
+            .list()
+            .into_iter()
+            .filter(|job| {
+                let s = job.snapshot();
+                !s.status.is_finished()
+                    && s.devices
+                        .iter()
+                        .any(|d| self.group_of_job_device(&s, &d.name).as_deref() == Some(group))
+            })
+            .collect()
+    }
+
+    fn touch_jobs_on(&self, group: &str) {
+        for job in self.jobs_on_group(group) {
+            job.touch();
         }
     }
 
@@ -248,6 +380,18 @@ impl Daemon {
             EngineError::FailedPrecondition(format!("group `{group}`: dirty tracking is not started"))
         })
     }
+}
+
+/// Keeps `status`'s statistics of the job's devices in the job; those of its devices in
+/// other groups stay as they were.
+fn keep_statistics(job: &Job, status: &DirtyTrackingStatus) {
+    job.update(|s| {
+        let mut kept = s.dirty_tracking.take().unwrap_or_default();
+        kept.retain(|d| !status.devices.iter().any(|stopped| stopped.device == d.device));
+        kept.extend(status.devices.iter().filter(|d| s.devices.iter().any(|j| j.name == d.device)).cloned());
+        kept.sort_by_key(|d| s.devices.iter().position(|j| j.name == d.device));
+        s.dirty_tracking = Some(kept);
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -218,7 +218,7 @@ impl Daemon {
             Err(failure) => run.rollback(&mut devices, failure).await,
         }
         // After the job's last device step: never inside downtime.
-        self.stop_dirty_tracking_after_job(&req.group, &req.job_id).await;
+        self.stop_dirty_tracking_after_job(&job).await;
         if job.snapshot().status.is_finished() {
             self.jobs.retire(&req.job_id);
         }
