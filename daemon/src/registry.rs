@@ -2,7 +2,7 @@
 //! A device belongs to at most one job at a time: a job claims its devices up front and
 //! the claim is released when the job ends, whatever the outcome.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::device::MigrationDevice;
@@ -61,6 +61,10 @@ pub enum RegistryError {
     InGroup { device: String, group: String },
     #[error("device `{0}` is listed twice")]
     Repeated(String),
+    #[error(
+        "group `{0}` is dirty-tracked: stop dirty tracking first (its tracker covers exactly its current devices)"
+    )]
+    Tracked(String),
 }
 
 #[derive(Default)]
@@ -69,6 +73,10 @@ struct Inner {
     groups: BTreeMap<String, GroupDef>,
     /// device name -> job id holding it
     claims: BTreeMap<String, String>,
+    /// Groups with a dirty tracker: their membership is frozen, since a tracker covers
+    /// exactly the devices it was built over (a device joining later would be silently
+    /// untracked, a deleted group's tracker could no longer be stopped by name).
+    tracked: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -200,6 +208,9 @@ impl Registry {
             }
             return Err(RegistryError::InGroup { device: device.into(), group: other.name.clone() });
         }
+        if inner.tracked.contains(group) {
+            return Err(RegistryError::Tracked(group.into()));
+        }
         let Inner { groups, claims, .. } = &mut *inner;
         let def = groups.entry(group.to_string()).or_insert_with(|| GroupDef {
             name: group.to_string(),
@@ -224,11 +235,28 @@ impl Registry {
     pub fn delete_group(&self, name: &str) -> Result<(), RegistryError> {
         let mut inner = self.lock();
         let group = inner.groups.get(name).ok_or_else(|| RegistryError::UnknownGroup(name.into()))?;
+        if inner.tracked.contains(name) {
+            return Err(RegistryError::Tracked(name.into()));
+        }
         if let Some(device) = group.devices.iter().find(|d| inner.claims.contains_key(*d)) {
             return Err(RegistryError::Busy { device: device.clone(), job: inner.claims[device].clone() });
         }
         inner.groups.remove(name);
         Ok(())
+    }
+
+    /// Freezes `group`'s membership while it is dirty-tracked; fails if the group is gone.
+    pub fn mark_tracked(&self, group: &str) -> Result<(), RegistryError> {
+        let mut inner = self.lock();
+        if !inner.groups.contains_key(group) {
+            return Err(RegistryError::UnknownGroup(group.into()));
+        }
+        inner.tracked.insert(group.to_owned());
+        Ok(())
+    }
+
+    pub fn unmark_tracked(&self, group: &str) {
+        self.lock().tracked.remove(group);
     }
 
     /// Claims every named device for `job_id`, all or none. Claiming again for the same

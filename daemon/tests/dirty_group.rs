@@ -345,6 +345,38 @@ async fn a_device_that_fails_to_start_fails_the_group_and_leaves_nothing_logging
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracked_group_can_be_neither_deleted_nor_joined_until_tracking_stops() {
+    let side = group_of_three("m").await;
+    let registry = &side.daemon.registry;
+    let late = Arc::new(SimDevice::with_iommu(sim("m-late", true, 9), registry.sim_iommu()).unwrap());
+    registry.add_device(late.clone() as Arc<dyn MigrationDevice>, Backend::Sim).unwrap();
+
+    // A start that fails leaves the membership free.
+    side.devices[0].inject(Fault::errno(FaultOp::DmaLoggingStart, Errno::EIO).once());
+    side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap_err();
+    registry.join_group("vm", "m-late").unwrap();
+    assert_eq!(registry.group("vm").unwrap().devices.len(), 4);
+
+    side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+    let deleted = registry.delete_group("vm").unwrap_err();
+    assert!(deleted.to_string().contains("stop dirty tracking first"), "{deleted}");
+    assert!(
+        matches!(EngineError::from(deleted), EngineError::FailedPrecondition(ref why) if why.contains("`vm`")),
+        "a tracked group is a failed precondition naming the group"
+    );
+    let other = Arc::new(SimDevice::with_iommu(sim("m-other", true, 10), registry.sim_iommu()).unwrap());
+    registry.add_device(other as Arc<dyn MigrationDevice>, Backend::Sim).unwrap();
+    let joined = registry.join_group("vm", "m-other").unwrap_err();
+    assert!(joined.to_string().contains("dirty-tracked"), "{joined}");
+    let status = side.daemon.dirty_tracking("vm").await.unwrap();
+    assert_eq!(status.devices.len(), 4, "the tracker covers exactly the members: {status:?}");
+
+    side.daemon.stop_dirty_tracking("vm").await.unwrap();
+    registry.join_group("vm", "m-other").unwrap();
+    registry.delete_group("vm").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_fails_to_stop_is_tried_again_by_the_next_stop() {
     let side = group_of_three("s").await;
     side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();

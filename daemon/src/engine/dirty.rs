@@ -170,6 +170,9 @@ impl Daemon {
                     "group `{group}`: cannot start dirty tracking: {why}"
                 )));
             }
+            // Under the trackers' lock, so that a group deleted since it was looked up
+            // above is never tracked, and a tracked group is never deleted.
+            self.registry.mark_tracked(group)?;
             trackers.insert(group.to_owned(), tracking.clone());
         }
         let starting = tracking.clone();
@@ -371,6 +374,7 @@ impl Daemon {
         let mut trackers = lock(&self.dirty);
         if trackers.get(&tracking.group).is_some_and(|listed| Arc::ptr_eq(listed, tracking)) {
             trackers.remove(&tracking.group);
+            self.registry.unmark_tracked(&tracking.group);
         }
     }
 

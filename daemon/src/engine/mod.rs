@@ -55,7 +55,7 @@ impl From<RegistryError> for EngineError {
             RegistryError::UnknownDevice(_) | RegistryError::UnknownGroup(_) => {
                 EngineError::NotFound(e.to_string())
             }
-            RegistryError::Busy { .. } | RegistryError::InGroup { .. } => {
+            RegistryError::Busy { .. } | RegistryError::InGroup { .. } | RegistryError::Tracked(_) => {
                 EngineError::FailedPrecondition(e.to_string())
             }
             _ => EngineError::InvalidArgument(e.to_string()),
