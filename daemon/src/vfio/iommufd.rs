@@ -45,6 +45,16 @@ pub enum DirtyRead {
     NoClear,
 }
 
+impl DirtyRead {
+    /// `iommu_hwpt_get_dirty_bitmap.flags` for this read.
+    pub fn flags(self) -> u32 {
+        match self {
+            DirtyRead::Clear => 0,
+            DirtyRead::NoClear => IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+        }
+    }
+}
+
 /// An open iommufd. Objects (IOAS, HWPT) live as long as the fd; devices bound to it keep
 /// an `Arc` so it outlives them.
 pub struct Iommufd {
@@ -152,10 +162,7 @@ impl Iommufd {
     ) -> Result<(), DeviceError> {
         let op = Op::IommufdGetDirtyBitmap;
         check_bitmap(&self.label, op, length, page_size, bitmap.len())?;
-        let flags = match read {
-            DirtyRead::Clear => 0,
-            DirtyRead::NoClear => IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
-        };
+        let flags = read.flags();
         let mut arg = HwptGetDirtyBitmap {
             size: argsz::<HwptGetDirtyBitmap>(),
             hwpt_id,

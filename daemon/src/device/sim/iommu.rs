@@ -389,10 +389,7 @@ impl HwptDirty for SimHwptHandle {
         bitmap: &mut [u64],
         read: DirtyRead,
     ) -> Result<(), DeviceError> {
-        let flags = match read {
-            DirtyRead::Clear => 0,
-            DirtyRead::NoClear => IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
-        };
+        let flags = read.flags();
         self.iommu
             .get_dirty_bitmap(self.hwpt_id, flags, iova, length, page_size, bitmap)
             .map_err(|refusal| self.error(Op::IommufdGetDirtyBitmap, refusal))
