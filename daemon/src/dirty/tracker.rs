@@ -8,8 +8,9 @@
 //! recovery rules:
 //!
 //! - **start** is all or nothing: a source that cannot track (ENOTTY/EOPNOTSUPP) is
-//!   recorded as not covered, with the reason, and is not a failure; any other failure
-//!   stops the sources already started and names the one that failed.
+//!   recorded as not covered, with the reason, and is not a failure (a logging device
+//!   with a HWPT falls back to it first, see below); any other failure, a fallback
+//!   HWPT's included, stops the sources already started and names the one that failed.
 //! - **report** reads every source in turn (never concurrently: the kernel's bitmap writes
 //!   are plain read-modify-writes, and sources may share the group's words). When a source
 //!   fails, its log is lost: its whole tracked range is marked dirty and logging is
@@ -28,7 +29,13 @@
 //! **Which source tracks a device** ([`DirtyTracker::for_devices`]) is decided per device:
 //! its own DMA logging when its PROBE says it has some; otherwise the HWPT it is attached
 //! to, if that HWPT was allocated with dirty tracking; otherwise it is not covered, with
-//! the reason. QEMU decides for the whole VM instead: device logging when every device
+//! the reason. PROBE is not the last word: mlx5 says yes, then refuses START with
+//! EOPNOTSUPP when the tracked space exceeds its firmware window. Such a device falls
+//! back, at that start, to its HWPT as if it had no logging — joining the group's source
+//! for that HWPT (started early if its turn has not come) or a new one — and its coverage
+//! says `"iommufd-hwpt"`, with the refusal as its reason. Each start decides again (a
+//! restart re-probes); a log lost later is restarted on the same source, never moved.
+//! QEMU decides for the whole VM instead: device logging when every device
 //! supports it, IOMMU tracking for all of them otherwise — its dirty tracking is one switch
 //! per container. Deciding per device keeps what each choice is good at: device logging
 //! sees only the device's own writes, in the ranges and at the granularity the driver
@@ -50,7 +57,7 @@ use nix::errno::Errno;
 
 use crate::device::{DeviceError, ErrorKind, IovaRange, MigrationDevice, Op};
 use crate::dirty::bitmap::{BitmapError, DEFAULT_PAGE_SIZE, DirtyBitmap, DirtyExport};
-use crate::dirty::hwpt::IommufdHwptSource;
+use crate::dirty::hwpt::{HwptDirty, HwptKey, IommufdHwptSource};
 use crate::dirty::ranges::{
     KERNEL_MAX_RANGES, MIN_LOGGING_PAGE_SIZE, RangeError, normalize, plan_logging_ranges,
 };
@@ -347,6 +354,9 @@ pub enum Coverage {
     Lost { ranges: Vec<IovaRange>, reason: String },
     /// The source cannot track these devices.
     NotCovered { reason: String },
+    /// The device's DMA logging was refused at start (`reason`), and the HWPT source
+    /// `hwpt` tracks it instead: this source observes nothing until the next start.
+    FellBack { hwpt: String, reason: String },
 }
 
 /// Per-source statistics (per device for DMA logging).
@@ -356,6 +366,9 @@ pub struct SourceStats {
     pub kind: &'static str,
     pub devices: Vec<String>,
     pub coverage: Coverage,
+    /// Devices a HWPT source tracks because their own DMA logging was refused at start:
+    /// (device, the refusal). Each is also in `devices`.
+    pub refused_logging: Vec<(String, String)>,
     /// The driver's page size at the last successful start.
     pub page_size: Option<u64>,
     /// Group pages this source turned dirty, over every round (including pages marked
@@ -377,20 +390,33 @@ impl SourceStats {
     /// The source's kind (`"dma-logging"`, `"iommufd-hwpt"`) while its devices are
     /// covered, `"none"` otherwise. A lost log still counts as covered: its range is
     /// reported all dirty.
+    /// A device whose logging fell back to its HWPT counts as `"iommufd-hwpt"`.
     pub fn coverage_source(&self) -> &'static str {
         match self.coverage {
             Coverage::Tracking { .. } | Coverage::Lost { .. } => self.kind,
+            Coverage::FellBack { .. } => "iommufd-hwpt",
             Coverage::Idle | Coverage::NotCovered { .. } => "none",
         }
     }
 
-    /// Why the devices are not (precisely) covered.
+    /// Why the devices are not (precisely) covered, or why they are tracked by a HWPT
+    /// although they have DMA logging.
     pub fn coverage_reason(&self) -> Option<&str> {
         match &self.coverage {
-            Coverage::Lost { reason, .. } | Coverage::NotCovered { reason } => Some(reason),
+            Coverage::Lost { reason, .. }
+            | Coverage::NotCovered { reason }
+            | Coverage::FellBack { reason, .. } => Some(reason),
             Coverage::Idle => Some("not started"),
             Coverage::Tracking { .. } => None,
         }
+    }
+
+    /// [`coverage_reason`](Self::coverage_reason) for one of `devices`: for a device that
+    /// joined this HWPT because its DMA logging was refused, that refusal.
+    pub fn device_reason(&self, device: &str) -> Option<&str> {
+        self.coverage_reason().or_else(|| {
+            self.refused_logging.iter().find(|(name, _)| name == device).map(|(_, why)| why.as_str())
+        })
     }
 }
 
@@ -454,21 +480,63 @@ struct Slot {
     stats: SourceStats,
     /// The source may be logging: set by a start, cleared by a successful stop.
     needs_stop: bool,
+    /// For a device's logging source: the device's dirty-tracking HWPT, which tracks it
+    /// when START refuses logging (EOPNOTSUPP: mlx5 beyond its firmware window).
+    fallback: Option<Arc<dyn HwptDirty>>,
+    /// For a HWPT source: the HWPT it reads, which fallen-back devices join.
+    hwpt: Option<HwptKey>,
+    /// Created by a start only to track fallen-back devices; dropped by the next start.
+    for_fallback: bool,
 }
 
 impl Slot {
+    fn new(source: Box<dyn DirtySource>) -> Slot {
+        Slot {
+            stats: SourceStats {
+                name: source.name().to_owned(),
+                kind: source.kind(),
+                devices: source.devices(),
+                coverage: Coverage::Idle,
+                refused_logging: Vec::new(),
+                page_size: None,
+                dirty_pages_found: 0,
+                last_dirty_pages: 0,
+                reports: 0,
+                report_errors: 0,
+                windows: 0,
+                windows_in_place: 0,
+                last_report_latency: None,
+                last_error: None,
+            },
+            source,
+            needs_stop: false,
+            fallback: None,
+            hwpt: None,
+            for_fallback: false,
+        }
+    }
+
     fn tracked_ranges(&self) -> &[IovaRange] {
         match &self.stats.coverage {
             Coverage::Tracking { ranges, .. } | Coverage::Lost { ranges, .. } => ranges,
-            Coverage::Idle | Coverage::NotCovered { .. } => &[],
+            Coverage::Idle | Coverage::NotCovered { .. } | Coverage::FellBack { .. } => &[],
         }
+    }
+
+    fn tracking(&mut self, page_size: u64, ranges: Vec<IovaRange>) {
+        self.needs_stop = true;
+        self.stats.page_size = Some(page_size);
+        self.stats.coverage = Coverage::Tracking { page_size, ranges };
     }
 
     /// After a stop: a covered source goes idle; "not covered" stays, it describes the
     /// device.
     fn stopped(&mut self) {
         self.needs_stop = false;
-        if matches!(self.stats.coverage, Coverage::Tracking { .. } | Coverage::Lost { .. }) {
+        if matches!(
+            self.stats.coverage,
+            Coverage::Tracking { .. } | Coverage::Lost { .. } | Coverage::FellBack { .. }
+        ) {
             self.stats.coverage = Coverage::Idle;
         }
     }
@@ -496,6 +564,15 @@ impl DirtyTracker {
         guest_ranges: &[IovaRange],
         config: TrackerConfig,
     ) -> Result<DirtyTracker, TrackerError> {
+        let slots = sources.into_iter().map(Slot::new).collect();
+        DirtyTracker::with_slots(slots, guest_ranges, config)
+    }
+
+    fn with_slots(
+        slots: Vec<Slot>,
+        guest_ranges: &[IovaRange],
+        config: TrackerConfig,
+    ) -> Result<DirtyTracker, TrackerError> {
         if config.max_ranges == 0 {
             return Err(RangeError::NoRangesAllowed.into());
         }
@@ -504,28 +581,6 @@ impl DirtyTracker {
         }
         let bitmap = DirtyBitmap::new(guest_ranges, config.page_size)?;
         let guest = normalize(guest_ranges, MIN_LOGGING_PAGE_SIZE)?;
-        let slots = sources
-            .into_iter()
-            .map(|source| Slot {
-                stats: SourceStats {
-                    name: source.name().to_owned(),
-                    kind: source.kind(),
-                    devices: source.devices(),
-                    coverage: Coverage::Idle,
-                    page_size: None,
-                    dirty_pages_found: 0,
-                    last_dirty_pages: 0,
-                    reports: 0,
-                    report_errors: 0,
-                    windows: 0,
-                    windows_in_place: 0,
-                    last_report_latency: None,
-                    last_error: None,
-                },
-                source,
-                needs_stop: false,
-            })
-            .collect();
         Ok(DirtyTracker { config, ranges: bitmap.ranges().to_vec(), guest, bitmap, slots, active: false })
     }
 
@@ -533,14 +588,15 @@ impl DirtyTracker {
     /// DMA logging when the PROBE (asked here, blocking) says it has some, else the HWPT it
     /// is attached to, one source per HWPT in the order their first device appears. A
     /// device with neither gets a logging source that reports it not covered at start;
-    /// a PROBE that fails for another reason fails the start, naming the device.
+    /// a PROBE that fails for another reason fails the start, naming the device. A
+    /// logging device's HWPT is kept as its fallback for a START that refuses logging.
     pub fn for_devices(
         devices: &[Arc<dyn MigrationDevice>],
         guest_ranges: &[IovaRange],
         config: TrackerConfig,
     ) -> Result<DirtyTracker, TrackerError> {
         enum Chosen {
-            Logging(DmaLoggingSource),
+            Logging(DmaLoggingSource, Option<Arc<dyn HwptDirty>>),
             Hwpt(IommufdHwptSource),
         }
         let mut chosen: Vec<Chosen> = Vec::with_capacity(devices.len());
@@ -562,58 +618,75 @@ impl DirtyTracker {
                 }
                 continue;
             }
-            chosen.push(Chosen::Logging(DmaLoggingSource::with_probe(Arc::clone(device), probe)));
+            let fallback = device.dirty_tracking_hwpt();
+            chosen.push(Chosen::Logging(DmaLoggingSource::with_probe(Arc::clone(device), probe), fallback));
         }
-        let sources = chosen
+        let slots = chosen
             .into_iter()
             .map(|c| match c {
-                Chosen::Logging(source) => Box::new(source) as Box<dyn DirtySource>,
-                Chosen::Hwpt(source) => Box::new(source) as Box<dyn DirtySource>,
+                Chosen::Logging(source, fallback) => Slot { fallback, ..Slot::new(Box::new(source)) },
+                Chosen::Hwpt(source) => {
+                    let hwpt = Some(source.key());
+                    Slot { hwpt, ..Slot::new(Box::new(source)) }
+                }
             })
             .collect();
-        DirtyTracker::new(sources, guest_ranges, config)
+        DirtyTracker::with_slots(slots, guest_ranges, config)
     }
 
     /// Starts every source, as one step: either every source that can track is tracking,
-    /// or none is (the error names the source that failed).
+    /// or none is (the error names the source that failed). A device whose START refuses
+    /// logging falls back to its dirty-tracking HWPT, if it has one: it joins the group's
+    /// source for that HWPT (started now if it was not yet) or a new one. Every start
+    /// decides afresh: the fallbacks of the previous one are undone first.
     pub fn start(&mut self) -> Result<(), TrackerError> {
         if self.active {
             return Err(TrackerError::AlreadyStarted);
         }
+        forget_fallbacks(&mut self.slots);
         let request = StartRequest {
             ranges: &self.ranges,
             guest_ranges: &self.guest,
             page_size: self.config.page_size,
             max_ranges: self.config.max_ranges,
         };
-        for index in 0..self.slots.len() {
-            let slot = &mut self.slots[index];
-            match slot.source.start(&request) {
-                Ok(SourceStart::Tracking { page_size, ranges }) => {
-                    slot.needs_stop = true;
-                    slot.stats.page_size = Some(page_size);
-                    slot.stats.coverage = Coverage::Tracking { page_size, ranges };
-                }
-                Ok(SourceStart::Unsupported { reason }) => {
-                    tracing::info!(source = slot.stats.name, %reason, "not covered by dirty tracking");
-                    slot.stats.coverage = Coverage::NotCovered { reason };
-                }
-                Err(error) => {
-                    slot.stats.last_error = Some(error.clone());
-                    let device = slot.stats.name.clone();
-                    let mut rollback_failures = Vec::new();
-                    for earlier in &mut self.slots[..index] {
-                        if !earlier.needs_stop {
-                            continue;
-                        }
-                        match earlier.source.stop() {
-                            Ok(()) => earlier.stopped(),
-                            Err(e) => rollback_failures.push(e),
-                        }
-                    }
-                    return Err(TrackerError::Start { device, error, rollback_failures });
-                }
+        // Slots started (or found unable to track) in this call: a HWPT source may be
+        // started early, for a device that fell back to it.
+        let mut attempted = vec![false; self.slots.len()];
+        let mut index = 0;
+        while index < self.slots.len() {
+            if attempted[index] {
+                index += 1;
+                continue;
             }
+            attempted[index] = true;
+            let outcome = match self.slots[index].source.start(&request) {
+                Ok(SourceStart::Unsupported { reason }) if self.slots[index].fallback.is_some() => {
+                    fall_back(&mut self.slots, index, reason, &request, &mut attempted)
+                }
+                Ok(start) => {
+                    started(&mut self.slots[index], start);
+                    Ok(())
+                }
+                Err(error) => Err((index, error)),
+            };
+            if let Err((failed, error)) = outcome {
+                let slot = &mut self.slots[failed];
+                slot.stats.last_error = Some(error.clone());
+                let device = slot.stats.name.clone();
+                let mut rollback_failures = Vec::new();
+                for (slot, _) in self.slots.iter_mut().zip(&attempted).filter(|(_, tried)| **tried) {
+                    if !slot.needs_stop {
+                        continue;
+                    }
+                    match slot.source.stop() {
+                        Ok(()) => slot.stopped(),
+                        Err(e) => rollback_failures.push(e),
+                    }
+                }
+                return Err(TrackerError::Start { device, error, rollback_failures });
+            }
+            index += 1;
         }
         self.active = true;
         Ok(())
@@ -650,7 +723,7 @@ impl DirtyTracker {
                     })
                 }
                 Coverage::Lost { .. } => Err("log lost in an earlier round".to_owned()),
-                Coverage::Idle | Coverage::NotCovered { .. } => continue,
+                Coverage::Idle | Coverage::NotCovered { .. } | Coverage::FellBack { .. } => continue,
             };
             // Windows read before a failure count too: their pages are in the bitmap.
             slot.stats.windows += progress.windows;
@@ -675,6 +748,10 @@ impl DirtyTracker {
         let mut failures = Vec::new();
         for slot in &mut self.slots {
             if !slot.needs_stop {
+                if matches!(slot.stats.coverage, Coverage::FellBack { .. }) {
+                    // Its HWPT's source is stopped in this loop; nothing to stop here.
+                    slot.stats.coverage = Coverage::Idle;
+                }
                 continue;
             }
             match slot.source.stop() {
@@ -692,9 +769,12 @@ impl DirtyTracker {
         self.active
     }
 
-    /// Whether every source is precisely tracking (none lost, none unsupported).
+    /// Whether every source is precisely tracking (none lost, none unsupported; a
+    /// device that fell back is as covered as the HWPT source tracking it).
     pub fn fully_covered(&self) -> bool {
-        self.slots.iter().all(|slot| matches!(slot.stats.coverage, Coverage::Tracking { .. }))
+        self.slots
+            .iter()
+            .all(|slot| matches!(slot.stats.coverage, Coverage::Tracking { .. } | Coverage::FellBack { .. }))
     }
 
     /// The dirty pages accumulated since the last [`take_dirty`](Self::take_dirty).
@@ -734,6 +814,97 @@ impl Drop for DirtyTracker {
             tracing::warn!(error = %e, "stopping dirty tracking on drop failed");
         }
     }
+}
+
+/// Records how a source's start went, when it did not fail.
+fn started(slot: &mut Slot, start: SourceStart) {
+    match start {
+        SourceStart::Tracking { page_size, ranges } => slot.tracking(page_size, ranges),
+        SourceStart::Unsupported { reason } => {
+            tracing::info!(source = slot.stats.name, %reason, "not covered by dirty tracking");
+            slot.stats.coverage = Coverage::NotCovered { reason };
+        }
+    }
+}
+
+/// Undoes the previous start's fallbacks, so that every device is probed and started on
+/// its own source again: HWPT sources lose the devices that joined them, and the ones
+/// created for fallbacks go (unless a failed stop left them tracking: the next stop must
+/// still reach them).
+fn forget_fallbacks(slots: &mut Vec<Slot>) {
+    slots.retain(|slot| !slot.for_fallback || slot.needs_stop);
+    for slot in slots {
+        slot.stats.devices = slot.source.devices();
+        slot.stats.refused_logging.clear();
+    }
+}
+
+/// The device of logging slot `index` was refused logging (`refusal`): track it by its
+/// HWPT, through the group's source for that HWPT (starting it if this call has not yet)
+/// or a new one. `Err` names the slot that failed to start.
+fn fall_back(
+    slots: &mut Vec<Slot>,
+    index: usize,
+    refusal: String,
+    request: &StartRequest<'_>,
+    attempted: &mut Vec<bool>,
+) -> Result<(), (usize, DeviceError)> {
+    let Some(hwpt) = slots[index].fallback.clone() else {
+        started(&mut slots[index], SourceStart::Unsupported { reason: refusal });
+        return Ok(());
+    };
+    let device = slots[index].stats.name.clone();
+    let key = hwpt.key();
+    let target = match slots.iter().position(|slot| slot.hwpt == Some(key)) {
+        Some(target) => target,
+        None => {
+            let source = IommufdHwptSource::new(hwpt, Vec::new());
+            slots.push(Slot { hwpt: Some(key), for_fallback: true, ..Slot::new(Box::new(source)) });
+            attempted.push(false);
+            slots.len() - 1
+        }
+    };
+    if !attempted[target] {
+        attempted[target] = true;
+        match slots[target].source.start(request) {
+            Ok(start) => started(&mut slots[target], start),
+            Err(mut error) => {
+                let why = format!("the fallback of {device}, whose DMA logging was refused: {refusal}");
+                error.detail = Some(match error.detail.take() {
+                    Some(detail) => format!("{detail}; {why}"),
+                    None => why,
+                });
+                return Err((target, error));
+            }
+        }
+    }
+    let hwpt_name = slots[target].stats.name.clone();
+    match &slots[target].stats.coverage {
+        Coverage::Tracking { .. } | Coverage::Lost { .. } => {
+            tracing::info!(device, hwpt = hwpt_name, %refusal, "DMA logging refused; tracked by the IOMMU");
+            let reason = format!("DMA logging refused ({refusal}); tracked by {hwpt_name} instead");
+            let joined = &mut slots[target].stats;
+            joined.devices.push(device.clone());
+            joined.refused_logging.push((device, reason.clone()));
+            let slot = &mut slots[index];
+            slot.stats.devices.clear();
+            slot.stats.coverage = Coverage::FellBack { hwpt: hwpt_name, reason };
+        }
+        coverage => {
+            let why = match coverage {
+                Coverage::NotCovered { reason } => reason.clone(),
+                _ => "it is not tracking".to_owned(),
+            };
+            let reason = format!("{refusal}; falling back to {hwpt_name} failed: {why}");
+            if slots[target].for_fallback && target == slots.len() - 1 {
+                // Created for this device alone, and useless to it.
+                slots.pop();
+                attempted.pop();
+            }
+            started(&mut slots[index], SourceStart::Unsupported { reason });
+        }
+    }
+    Ok(())
 }
 
 /// A source's log is lost: everything it tracks is dirty this round; try STOP + START so

@@ -57,11 +57,13 @@ impl GroupTracking {
 pub struct DeviceCoverage {
     pub device: String,
     /// `"dma-logging"` (its own log) or `"iommufd-hwpt"` (the IOMMU, for a device
-    /// without DMA logging) while covered, `"none"` otherwise.
+    /// without DMA logging or whose logging START was refused) while covered, `"none"`
+    /// otherwise.
     pub source: &'static str,
     /// The page size its source reads at, from the last successful start.
     pub page_size: Option<u64>,
-    /// Why the device is not (precisely) covered.
+    /// Why the device is not (precisely) covered, or why the IOMMU tracks a device that
+    /// has DMA logging.
     pub reason: Option<String>,
     /// Group pages its source turned dirty, over every round (a HWPT's figures are shared
     /// by every device on it).
@@ -99,16 +101,15 @@ impl DirtyTrackingStatus {
         let devices = tracker
             .stats()
             .flat_map(|stats| {
-                let reason = match &stats.coverage {
-                    // Idle coverage only means "not started" before the first start.
-                    Coverage::Idle if !active => Some("dirty tracking is stopped".to_owned()),
-                    _ => stats.coverage_reason().map(str::to_owned),
-                };
                 stats.devices.iter().map(move |device| DeviceCoverage {
                     device: device.clone(),
                     source: stats.coverage_source(),
                     page_size: stats.page_size,
-                    reason: reason.clone(),
+                    reason: match &stats.coverage {
+                        // Idle coverage only means "not started" before the first start.
+                        Coverage::Idle if !active => Some("dirty tracking is stopped".to_owned()),
+                        _ => stats.device_reason(device).map(str::to_owned),
+                    },
                     dirty_pages: stats.dirty_pages_found,
                     reports: stats.reports,
                     report_errors: stats.report_errors,

@@ -285,6 +285,185 @@ fn a_coarse_group_page_over_finely_aligned_guest_ranges_is_read_finely_and_folde
     tracker.stop().unwrap();
 }
 
+const VM2: &str = "sim-iommu hwpt vm2";
+
+fn refused() -> Fault {
+    Fault::errno(FaultOp::DmaLoggingStart, Errno::EOPNOTSUPP)
+}
+
+fn sources(tracker: &DirtyTracker) -> Vec<(&str, &'static str, Vec<String>)> {
+    tracker.stats().map(|s| (s.name.as_str(), s.coverage_source(), s.devices.clone())).collect()
+}
+
+#[test]
+fn a_device_refused_logging_at_start_is_tracked_by_its_hwpt() {
+    let iommu = SimIommu::new();
+    // "mlx" comes before the HWPT-only device whose source it joins (which then starts
+    // early); "solo" is alone on its HWPT, which gets a source of its own.
+    let mlx = sim_device(&iommu, "mlx", true, Some(IommuSpec::new("vm1")));
+    let plain = sim_device(&iommu, "plain", true, None);
+    let virtio = sim_device(&iommu, "virtio", false, Some(IommuSpec::new("vm1")));
+    let solo = sim_device(&iommu, "solo", true, Some(IommuSpec::new("vm2")));
+    mlx.inject(refused());
+    solo.inject(refused());
+    let mut tracker = tracker_of(&[&mlx, &plain, &virtio, &solo], &GUEST, TrackerConfig::default());
+    tracker.start().unwrap();
+    let names = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<Vec<String>>();
+    assert_eq!(
+        sources(&tracker),
+        [
+            ("mlx", "iommufd-hwpt", vec![]),
+            ("plain", "dma-logging", names(&["plain"])),
+            (VM1, "iommufd-hwpt", names(&["virtio", "mlx"])),
+            ("solo", "iommufd-hwpt", vec![]),
+            (VM2, "iommufd-hwpt", names(&["solo"])),
+        ]
+    );
+    assert!(tracker.fully_covered());
+    assert!(!mlx.dma_logging_active() && !solo.dma_logging_active() && plain.dma_logging_active());
+    assert_eq!(iommu.dirty_tracking_enabled("vm1"), Some(true));
+    assert_eq!(iommu.dirty_tracking_enabled("vm2"), Some(true));
+    let mlx_stats = stats_of(&tracker, "mlx");
+    assert!(matches!(&mlx_stats.coverage, Coverage::FellBack { hwpt, .. } if hwpt == VM1));
+    let reason = mlx_stats.coverage_reason().unwrap();
+    assert!(reason.contains("DMA_LOGGING_START") && reason.contains("EOPNOTSUPP"), "{reason}");
+    assert!(reason.contains(VM1), "{reason}");
+    // The HWPT's per-device reason: the refusal for the device that fell back, none for
+    // the one that has no logging.
+    let hwpt = stats_of(&tracker, VM1);
+    assert_eq!(hwpt.device_reason("mlx"), Some(reason));
+    assert_eq!(hwpt.device_reason("virtio"), None);
+    assert!(stats_of(&tracker, VM2).device_reason("solo").unwrap().contains("EOPNOTSUPP"));
+
+    mlx.dma_write(5 * PAGE + 1, 1);
+    solo.dma_write(GIB + PAGE, 2 * PAGE);
+    plain.dma_write(7 * MIB, 1);
+    let round = tracker.report().unwrap();
+    assert!(round.lost.is_empty());
+    let expected: BTreeSet<u64> = [5, GIB / PAGE + 1, GIB / PAGE + 2, 7 * MIB / PAGE].into();
+    assert_eq!(dirty_pages(tracker.bitmap()), expected);
+    assert_eq!(round.new_dirty_pages, 4);
+    assert_eq!(stats_of(&tracker, "mlx").dirty_pages_found, 0, "its pages are its HWPT's");
+    assert_eq!(stats_of(&tracker, VM2).dirty_pages_found, 2);
+
+    tracker.stop().unwrap();
+    assert_eq!(iommu.dirty_tracking_enabled("vm1"), Some(false));
+    assert_eq!(iommu.dirty_tracking_enabled("vm2"), Some(false));
+    assert!(tracker.stats().all(|s| matches!(s.coverage, Coverage::Idle)), "{:?}", sources(&tracker));
+
+    // Restarted with logging accepted: each device is back on its own source, and the
+    // HWPT that only served a fallback is neither a source nor enabled.
+    mlx.clear_faults();
+    solo.clear_faults();
+    tracker.take_dirty();
+    tracker.start().unwrap();
+    assert_eq!(
+        sources(&tracker),
+        [
+            ("mlx", "dma-logging", names(&["mlx"])),
+            ("plain", "dma-logging", names(&["plain"])),
+            (VM1, "iommufd-hwpt", names(&["virtio"])),
+            ("solo", "dma-logging", names(&["solo"])),
+        ]
+    );
+    assert!(mlx.dma_logging_active() && solo.dma_logging_active());
+    assert_eq!(iommu.dirty_tracking_enabled("vm2"), Some(false));
+    assert_eq!(stats_of(&tracker, VM1).device_reason("mlx"), None);
+    solo.dma_write(3 * MIB, 1);
+    mlx.dma_write(GIB, 1);
+    tracker.report().unwrap();
+    assert_eq!(dirty_pages(tracker.bitmap()), BTreeSet::from([3 * MIB / PAGE, GIB / PAGE]));
+
+    // And refused again: the same fallback as the first time.
+    tracker.stop().unwrap();
+    mlx.inject(refused());
+    tracker.start().unwrap();
+    assert_eq!(stats_of(&tracker, "mlx").coverage_source(), "iommufd-hwpt");
+    assert_eq!(stats_of(&tracker, VM1).devices, ["virtio", "mlx"]);
+    tracker.stop().unwrap();
+}
+
+#[test]
+fn a_fallback_hwpt_that_cannot_be_enabled_fails_the_whole_start() {
+    let iommu = SimIommu::new();
+    let a = sim_device(&iommu, "a", true, None);
+    let mlx = sim_device(&iommu, "mlx", true, Some(IommuSpec::new("vm1")));
+    let c = sim_device(&iommu, "c", true, None);
+    mlx.inject(refused());
+    mlx.inject(Fault::errno(FaultOp::HwptSetDirtyTracking, Errno::EIO).once());
+    let mut tracker = tracker_of(&[&a, &mlx, &c], &GUEST, TrackerConfig::default());
+    let err = tracker.start().unwrap_err();
+    let TrackerError::Start { device, error, rollback_failures } = &err else { panic!("{err:?}") };
+    assert_eq!((device.as_str(), error.errno), (VM1, Errno::EIO));
+    assert!(rollback_failures.is_empty());
+    let message = err.to_string();
+    assert!(message.contains(VM1) && message.contains("fallback of mlx"), "{message}");
+    assert!(message.contains("EOPNOTSUPP"), "{message}");
+    assert!(!a.dma_logging_active(), "started before the fallback, stopped again");
+    assert!(!c.dma_logging_active(), "never started");
+    assert_eq!(iommu.dirty_tracking_enabled("vm1"), Some(false));
+    assert!(!tracker.is_active());
+
+    // The enable fault fired once: the same tracker starts now, with the fallback.
+    tracker.start().unwrap();
+    assert!(tracker.fully_covered());
+    assert_eq!(stats_of(&tracker, VM1).devices, ["mlx"]);
+    assert!(a.dma_logging_active() && c.dma_logging_active());
+    tracker.stop().unwrap();
+
+    // A HWPT-only device's source failing after the fallback started it early: that
+    // source is stopped again too.
+    let virtio = sim_device(&iommu, "virtio", false, Some(IommuSpec::new("vm2")));
+    let early = sim_device(&iommu, "early", true, Some(IommuSpec::new("vm2")));
+    let d = sim_device(&iommu, "d", true, None);
+    early.inject(refused());
+    d.inject(Fault::errno(FaultOp::DmaLoggingStart, Errno::EIO).once());
+    let mut tracker = tracker_of(&[&early, &virtio, &d], &GUEST, TrackerConfig::default());
+    let err = tracker.start().unwrap_err();
+    assert!(matches!(&err, TrackerError::Start { device, .. } if device == "d"), "{err:?}");
+    assert_eq!(iommu.dirty_tracking_enabled("vm2"), Some(false));
+}
+
+#[test]
+fn a_fallback_to_a_hwpt_without_dirty_ops_leaves_the_device_uncovered_with_both_reasons() {
+    let iommu = SimIommu::new();
+    let no_ops = IommuSpec { dirty_tracking: false, ..IommuSpec::new("vm1") };
+    let mlx = sim_device(&iommu, "mlx", true, Some(no_ops));
+    mlx.inject(refused());
+    let mut tracker = tracker_of(&[&mlx], &GUEST, TrackerConfig::default());
+    tracker.start().unwrap();
+    assert!(!tracker.fully_covered());
+    assert_eq!(sources(&tracker), [("mlx", "none", vec!["mlx".to_owned()])]);
+    let reason = stats_of(&tracker, "mlx").coverage_reason().unwrap();
+    assert!(reason.contains("DMA_LOGGING_START") && reason.contains(VM1), "{reason}");
+    assert!(reason.contains("cannot track dirty pages"), "{reason}");
+    tracker.stop().unwrap();
+}
+
+#[test]
+fn a_lost_read_of_a_fallback_hwpt_restarts_it_like_any_other() {
+    let iommu = SimIommu::new();
+    let mlx = sim_device(&iommu, "mlx", true, Some(IommuSpec::new("vm1")));
+    mlx.inject(refused());
+    let mut tracker = tracker_of(&[&mlx], &GUEST, TrackerConfig::default());
+    tracker.start().unwrap();
+    mlx.inject(Fault::errno(FaultOp::HwptGetDirtyBitmap, Errno::EIO).once());
+    let round = tracker.report().unwrap();
+    assert_eq!(round.lost.len(), 1);
+    assert_eq!(round.lost[0].name, VM1);
+    assert!(round.lost[0].restarted, "{:?}", round.lost[0]);
+    assert_eq!(tracker.bitmap().count(), tracker.bitmap().pages());
+    assert_eq!(stats_of(&tracker, "mlx").coverage_source(), "iommufd-hwpt");
+
+    tracker.take_dirty();
+    mlx.dma_write(GIB + 3 * PAGE, 1);
+    let round = tracker.report().unwrap();
+    assert!(round.lost.is_empty());
+    assert_eq!(dirty_pages(tracker.bitmap()), BTreeSet::from([GIB / PAGE + 3]));
+    tracker.stop().unwrap();
+    assert_eq!(iommu.dirty_tracking_enabled("vm1"), Some(false));
+}
+
 /// How a device of a generated group is tracked.
 #[derive(Clone, Copy, Debug)]
 enum Role {
@@ -294,6 +473,8 @@ enum Role {
     LoggingOnHwpt(usize),
     /// No DMA logging: HWPT `n` is its only source.
     HwptOnly(usize),
+    /// DMA logging that START refuses (EOPNOTSUPP): falls back to HWPT `n`.
+    RefusedOnHwpt(usize),
     /// Neither.
     Uncovered,
 }
@@ -311,6 +492,7 @@ fn arb_device(rounds: usize) -> impl Strategy<Value = DeviceCase> {
         (0usize..2).prop_map(Role::LoggingOnHwpt),
         (0usize..2).prop_map(Role::HwptOnly),
         (0usize..2).prop_map(Role::HwptOnly),
+        (0usize..2).prop_map(Role::RefusedOnHwpt),
         Just(Role::Uncovered),
     ];
     let writes = prop::collection::vec(
@@ -370,23 +552,29 @@ proptest! {
                     Role::Logging => (true, None),
                     Role::LoggingOnHwpt(n) => (true, Some(hwpt_spec(n))),
                     Role::HwptOnly(n) => (false, Some(hwpt_spec(n))),
+                    Role::RefusedOnHwpt(n) => (true, Some(hwpt_spec(n))),
                     Role::Uncovered => (false, None),
                 };
-                sim_device(&iommu, &format!("dev{i}"), logging, hwpt)
+                let device = sim_device(&iommu, &format!("dev{i}"), logging, hwpt);
+                if let Role::RefusedOnHwpt(_) = case.role {
+                    device.inject(refused());
+                }
+                device
             })
             .collect();
-        // A HWPT tracks when a device of the group has no logging and relies on it.
+        // A HWPT tracks when a device of the group has no (accepted) logging and relies
+        // on it.
         let tracked: BTreeSet<usize> = devices
             .iter()
             .filter_map(|case| match case.role {
-                Role::HwptOnly(n) if hwpt_ops[n] => Some(n),
+                Role::HwptOnly(n) | Role::RefusedOnHwpt(n) if hwpt_ops[n] => Some(n),
                 _ => None,
             })
             .collect();
         let covered = |role: Role| match role {
             Role::Logging => true,
             Role::LoggingOnHwpt(_) => true,
-            Role::HwptOnly(n) => tracked.contains(&n),
+            Role::HwptOnly(n) | Role::RefusedOnHwpt(n) => tracked.contains(&n),
             Role::Uncovered => false,
         };
 
@@ -397,11 +585,22 @@ proptest! {
         let expect_full = devices.iter().all(|case| covered(case.role));
         prop_assert_eq!(tracker.fully_covered(), expect_full);
         let hwpt_sources = tracker.stats().filter(|s| s.kind == "iommufd-hwpt").count();
+        // A HWPT only fallbacks need, that cannot track, is no source.
         let hwpts_used: BTreeSet<usize> = devices
             .iter()
-            .filter_map(|case| match case.role { Role::HwptOnly(n) => Some(n), _ => None })
+            .filter_map(|case| match case.role {
+                Role::HwptOnly(n) => Some(n),
+                Role::RefusedOnHwpt(n) if hwpt_ops[n] => Some(n),
+                _ => None,
+            })
             .collect();
         prop_assert_eq!(hwpt_sources, hwpts_used.len(), "one source per HWPT");
+        for (i, case) in devices.iter().enumerate() {
+            if let Role::RefusedOnHwpt(_) = case.role {
+                let source = stats_of(&tracker, &format!("dev{i}")).coverage_source();
+                prop_assert_eq!(source, if covered(case.role) { "iommufd-hwpt" } else { "none" });
+            }
+        }
         for n in 0..2 {
             let enabled = iommu.dirty_tracking_enabled(&format!("hwpt{n}")).unwrap_or(false);
             prop_assert_eq!(enabled, tracked.contains(&n));
