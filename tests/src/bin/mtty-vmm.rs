@@ -555,21 +555,34 @@ impl Guest {
             .map(|()| source)
     }
 
-    fn fault_case(&self, report: &mut Report, case: &FaultCase, destination: &Daemon) -> bool {
-        let tag = case.tag;
-        let Some(mut source) = self.start_source(report, tag, &format!("source-{}", case.job), case.fault)
-        else {
-            return false;
-        };
+    /// A fresh source daemon (with `fault` in its configuration) migrating the VM to
+    /// `destination` as job `job`: the source, `vfio-migctl migrate`'s exit code and job.
+    fn migrate(
+        &self,
+        report: &mut Report,
+        tag: &str,
+        name: &str,
+        fault: &str,
+        job: &str,
+        destination: &Daemon,
+    ) -> Option<(Daemon, i32, Value)> {
+        let source = self.start_source(report, tag, name, fault)?;
         let migration = Migration {
-            job: case.job,
+            job,
             source: &source,
             destination,
             source_vm: &self.source_vm,
             destination_vm: &self.destination_vm,
         };
-        let Some((code, job)) =
-            report.step(&format!("{tag}: vfio-migctl incoming + migrate"), migration.run())
+        let (code, job) = report.step(&format!("{tag}: vfio-migctl incoming + migrate"), migration.run())?;
+        Some((source, code, job))
+    }
+
+    fn fault_case(&self, report: &mut Report, case: &FaultCase, destination: &Daemon) -> bool {
+        let tag = case.tag;
+        let name = format!("source-{}", case.job);
+        let Some((mut source, code, job)) =
+            self.migrate(report, tag, &name, case.fault, case.job, destination)
         else {
             return false;
         };
@@ -634,18 +647,8 @@ impl Guest {
 
     fn successful_migration(&self, report: &mut Report, destination: &mut Daemon) -> bool {
         let tag = "migration";
-        let Some(mut source) = self.start_source(report, tag, "source", "") else {
-            return false;
-        };
-        let migration = Migration {
-            job: "vm1-move",
-            source: &source,
-            destination,
-            source_vm: &self.source_vm,
-            destination_vm: &self.destination_vm,
-        };
-        let Some((code, job)) =
-            report.step(&format!("{tag}: vfio-migctl incoming + migrate"), migration.run())
+        let job_id = "vm1-move";
+        let Some((mut source, code, job)) = self.migrate(report, tag, "source", "", job_id, destination)
         else {
             return false;
         };
@@ -663,7 +666,7 @@ impl Guest {
                 })
             });
         passed &= report.check(&format!("{tag}: destination loaded and resumed the group"), {
-            destination.finished_job(migration.job).and_then(|job| {
+            destination.finished_job(job_id).and_then(|job| {
                 let seen = phases(&job);
                 ensure(job["status"] == "succeeded", || {
                     format!("status {}: {}", job["status"], job["error"])
