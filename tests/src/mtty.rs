@@ -212,8 +212,37 @@ pub fn check_header(header: &[u8], mtty: MttyType) -> Result<(), String> {
     Ok(())
 }
 
+/// mdevs named on a guest program's command line as `TYPE:UUID`, grouped by type in
+/// argument order.
+pub type MdevsByType = std::collections::BTreeMap<&'static str, (MttyType, Vec<String>)>;
+
+pub fn mdevs_by_type(args: impl IntoIterator<Item = String>) -> Result<MdevsByType, String> {
+    let mut by_type = MdevsByType::new();
+    for arg in args {
+        let (name, uuid) = arg.split_once(':').ok_or_else(|| format!("argument `{arg}` is not TYPE:UUID"))?;
+        let mtty = MttyType::from_sysfs_name(name).ok_or_else(|| format!("unknown mdev type `{name}`"))?;
+        by_type.entry(mtty.sysfs_name()).or_insert((mtty, Vec::new())).1.push(uuid.to_string());
+    }
+    if by_type.is_empty() {
+        return Err("no TYPE:UUID arguments".to_string());
+    }
+    Ok(by_type)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mdev_arguments_are_grouped_by_type_in_order_and_bad_ones_are_named() {
+        let args = ["mtty-2:b", "mtty-1:a", "mtty-2:c"].map(String::from);
+        let by_type = mdevs_by_type(args).unwrap();
+        assert_eq!(by_type["mtty-1"].1, ["a"]);
+        assert_eq!(by_type["mtty-2"].1, ["b", "c"]);
+        assert_eq!(by_type["mtty-2"].0, MttyType::TwoPorts);
+        assert!(mdevs_by_type(["mtty-1".to_string()]).unwrap_err().contains("`mtty-1`"));
+        assert!(mdevs_by_type(["mtty-9:x".to_string()]).unwrap_err().contains("unknown mdev type"));
+        assert!(mdevs_by_type(Vec::new()).unwrap_err().contains("no TYPE:UUID"));
+    }
+
     use super::*;
 
     /// A stream laid out the way mtty saves one port after [`PortScript::writes`].

@@ -39,7 +39,9 @@ use vfio_migd::device::vfio::sysfs_identity;
 use vfio_migd::fsm::{Caps, State};
 use vfio_migd::vfio::{OpenPath, VfioDeviceFd, VfioHost};
 use vfio_migd_tests::free_port;
-use vfio_migd_tests::mtty::{self, LSR_TX_IDLE, MttyType, PortScript, UartView, VM_SCRIPTS, reg};
+use vfio_migd_tests::mtty::{
+    self, LSR_TX_IDLE, MdevsByType, MttyType, PortScript, UartView, VM_SCRIPTS, reg,
+};
 use vfio_migd_tests::report::{Report, ensure};
 
 /// The VM's group, on both daemons.
@@ -728,13 +730,8 @@ fn dump_log(daemon: &Daemon) {
 }
 
 /// Source and destination mdev of each type, in argument order.
-fn parse_args() -> Result<BTreeMap<&'static str, (MttyType, Vec<String>)>, String> {
-    let mut by_type = BTreeMap::new();
-    for arg in std::env::args().skip(1) {
-        let (name, uuid) = arg.split_once(':').ok_or_else(|| format!("argument `{arg}` is not TYPE:UUID"))?;
-        let mtty = MttyType::from_sysfs_name(name).ok_or_else(|| format!("unknown mdev type `{name}`"))?;
-        by_type.entry(mtty.sysfs_name()).or_insert((mtty, Vec::new())).1.push(uuid.to_string());
-    }
+fn parse_args() -> Result<MdevsByType, String> {
+    let by_type = mtty::mdevs_by_type(std::env::args().skip(1))?;
     for mtty in [MttyType::OnePort, MttyType::TwoPorts] {
         let given = by_type.get(mtty.sysfs_name()).map_or(0, |(_, uuids)| uuids.len());
         ensure(given == 2, || {
@@ -744,7 +741,7 @@ fn parse_args() -> Result<BTreeMap<&'static str, (MttyType, Vec<String>)>, Strin
     Ok(by_type)
 }
 
-fn run(report: &mut Report, by_type: &BTreeMap<&'static str, (MttyType, Vec<String>)>) {
+fn run(report: &mut Report, by_type: &MdevsByType) {
     let work =
         std::env::var_os("MTTY_VMM_WORK").map_or_else(|| PathBuf::from("/tmp/mtty-vmm"), PathBuf::from);
     let _ = fs::remove_dir_all(&work);

@@ -8,7 +8,6 @@
 //! Usage: `vfio-kernel-check TYPE:UUID...`, two mdevs per type (a source and a
 //! destination), e.g. `mtty-1:UUID mtty-1:UUID mtty-2:UUID mtty-2:UUID`.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::process::ExitCode;
@@ -415,21 +414,9 @@ fn check_type(report: &mut Report, mtty: MttyType, uuids: &[String]) {
     check_every_arc(report, tag, &source, caps, &image);
 }
 
-/// `TYPE:UUID` arguments grouped by type, in argument order.
-fn parse_args() -> Result<BTreeMap<&'static str, (MttyType, Vec<String>)>, String> {
-    let mut by_type = BTreeMap::new();
-    for arg in std::env::args().skip(1) {
-        let (name, uuid) = arg.split_once(':').ok_or_else(|| format!("argument `{arg}` is not TYPE:UUID"))?;
-        let mtty = MttyType::from_sysfs_name(name).ok_or_else(|| format!("unknown mdev type `{name}`"))?;
-        by_type.entry(mtty.sysfs_name()).or_insert((mtty, Vec::new())).1.push(uuid.to_string());
-    }
-    ensure(!by_type.is_empty(), || "no TYPE:UUID arguments".to_string())?;
-    Ok(by_type)
-}
-
 fn main() -> ExitCode {
     let mut report = Report::default();
-    if let Some(by_type) = report.step("arguments", parse_args()) {
+    if let Some(by_type) = report.step("arguments", mtty::mdevs_by_type(std::env::args().skip(1))) {
         for (mtty, uuids) in by_type.values() {
             check_type(&mut report, *mtty, uuids);
         }
