@@ -400,6 +400,26 @@ async fn a_device_that_fails_to_stop_is_tried_again_by_the_next_stop() {
     side.daemon.stop_dirty_tracking("vm").await.unwrap();
 }
 
+/// A stop that is still on its way (as one a job's end starts) may be watched: once the
+/// status says inactive, the group can be started again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_seen_inactive_after_a_stop_can_be_started_again_at_once() {
+    let side = group_of_three("s").await;
+    for round in 0..200 {
+        side.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
+        let daemon = side.daemon.clone();
+        let stop = tokio::spawn(async move { daemon.stop_dirty_tracking("vm").await });
+        while side.daemon.dirty_tracking("vm").await.unwrap().active {
+            tokio::task::yield_now().await;
+        }
+        if let Err(e) = side.daemon.start_dirty_tracking("vm", guest(), 0).await {
+            panic!("round {round}: a group seen inactive was refused a start: {e}");
+        }
+        stop.await.unwrap().unwrap();
+        assert!(side.daemon.stop_dirty_tracking("vm").await.unwrap().page_size != 0);
+    }
+}
+
 async fn wait_finished(daemon: &Daemon, job_id: &str) -> JobSnapshot {
     let job = daemon.job(job_id).unwrap();
     let mut changes = job.subscribe();

@@ -9,6 +9,7 @@
 //! stop keeps the last statistics in the jobs of the group, so that a job that ended
 //! still says which source covered each device and what it found.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -17,6 +18,10 @@ use crate::dirty::bitmap::DEFAULT_PAGE_SIZE;
 use crate::dirty::{Coverage, DirtyExport, DirtyTracker, TrackerConfig, TrackerError};
 use crate::engine::{Daemon, EngineError};
 use crate::job::{Job, JobSnapshot};
+use crate::registry::Registry;
+
+/// The daemon's dirty tracking, by group.
+pub(crate) type Trackers = Mutex<HashMap<String, Arc<GroupTracking>>>;
 
 /// A group's tracker, shared between the calls that use it.
 #[derive(Debug)]
@@ -177,22 +182,27 @@ impl Daemon {
             trackers.insert(group.to_owned(), tracking.clone());
         }
         let starting = tracking.clone();
+        let (trackers, registry) = (self.dirty.clone(), self.registry.clone());
         let started = run_blocking(group, move || {
             let mut tracker = starting.tracker();
-            tracker.start().map(|()| starting.publish(&tracker))
+            let started = tracker.start().map(|()| starting.publish(&tracker));
+            if started.is_err() {
+                // Nothing is logging (the tracker stopped what it had started).
+                forget_tracking(&trackers, &registry, &starting);
+            }
+            started
         })
-        .await
-        .and_then(|r| r.map_err(|e| tracker_error(group, e)));
+        .await;
         match started {
-            Ok(status) => {
+            Ok(Ok(status)) => {
                 let covered = status.devices.iter().filter(|d| d.source != "none").count();
                 tracing::info!(group, covered, devices = status.devices.len(), "dirty tracking started");
                 self.touch_jobs_on(group);
                 Ok(status)
             }
+            Ok(Err(e)) => Err(tracker_error(group, e)),
             Err(e) => {
-                // Nothing is logging (the tracker stopped what it had started).
-                self.forget_tracking(&tracking);
+                forget_tracking(&self.dirty, &self.registry, &tracking);
                 Err(e)
             }
         }
@@ -229,20 +239,24 @@ impl Daemon {
         {
             jobs.push(ending.clone());
         }
-        let stopping = tracking.clone();
+        let (trackers, registry) = (self.dirty.clone(), self.registry.clone());
         let (stopped, status) = run_blocking(group, move || {
-            let mut tracker = stopping.tracker();
+            let mut tracker = tracking.tracker();
             // Before the stop: afterwards a source no longer says what covered its devices.
-            let last = DirtyTrackingStatus::of(&stopping.group, &tracker);
+            let last = DirtyTrackingStatus::of(&tracking.group, &tracker);
             for job in &jobs {
                 keep_statistics(job, &last);
             }
             let result = tracker.stop();
-            (result, stopping.publish(&tracker))
+            if result.is_ok() {
+                // With the tracker still locked: whoever then sees it inactive can start
+                // the group again at once.
+                forget_tracking(&trackers, &registry, &tracking);
+            }
+            (result, tracking.publish(&tracker))
         })
         .await?;
         stopped.map_err(|e| tracker_error(group, e))?;
-        self.forget_tracking(&tracking);
         tracing::info!(group, "dirty tracking stopped");
         Ok(status)
     }
@@ -371,19 +385,21 @@ impl Daemon {
     }
 
     /// Unlists `tracking`, unless a later start already replaced it.
-    fn forget_tracking(&self, tracking: &Arc<GroupTracking>) {
-        let mut trackers = lock(&self.dirty);
-        if trackers.get(&tracking.group).is_some_and(|listed| Arc::ptr_eq(listed, tracking)) {
-            trackers.remove(&tracking.group);
-            self.registry.unmark_tracked(&tracking.group);
-        }
-    }
-
     fn group_tracking(&self, group: &str) -> Result<Arc<GroupTracking>, EngineError> {
         self.registry.group(group)?;
         lock(&self.dirty).get(group).cloned().ok_or_else(|| {
             EngineError::FailedPrecondition(format!("group `{group}`: dirty tracking is not started"))
         })
+    }
+}
+
+/// Takes `tracking` out of the table, if it is still the group's entry, and frees the
+/// group for deletion and new members.
+fn forget_tracking(trackers: &Trackers, registry: &Registry, tracking: &Arc<GroupTracking>) {
+    let mut trackers = lock(trackers);
+    if trackers.get(&tracking.group).is_some_and(|listed| Arc::ptr_eq(listed, tracking)) {
+        trackers.remove(&tracking.group);
+        registry.unmark_tracked(&tracking.group);
     }
 }
 

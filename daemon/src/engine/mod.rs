@@ -102,8 +102,9 @@ pub struct Daemon {
     pub(crate) incoming: Mutex<HashMap<String, Arc<destination::IncomingJob>>>,
     /// Source-side jobs, by job id.
     pub(crate) outgoing: Mutex<HashMap<String, Arc<source::OutgoingJob>>>,
-    /// Dirty tracking, by group.
-    pub(crate) dirty: Mutex<HashMap<String, Arc<dirty::GroupTracking>>>,
+    /// Dirty tracking, by group. Shared with the blocking threads that stop a tracker, so
+    /// that a stopped tracker leaves the table before its lock is released.
+    pub(crate) dirty: Arc<dirty::Trackers>,
 }
 
 impl Daemon {
@@ -116,7 +117,7 @@ impl Daemon {
             journal,
             incoming: Mutex::default(),
             outgoing: Mutex::default(),
-            dirty: Mutex::default(),
+            dirty: Arc::default(),
         }))
     }
 
