@@ -387,6 +387,7 @@ async fn a_device_that_fails_to_stop_is_tried_again_by_the_next_stop() {
     assert!(why.contains("s-a"), "{why}");
     assert!(side.devices[0].dma_logging_active());
     assert!(!side.devices[1].dma_logging_active());
+    assert!(side.daemon.dirty_tracking("vm").await.unwrap().active, "a device still logs");
     // Still listed: a start is refused until the stop went through.
     let Err(EngineError::FailedPrecondition(refused)) =
         side.daemon.start_dirty_tracking("vm", guest(), 0).await

@@ -769,6 +769,12 @@ impl DirtyTracker {
         self.active
     }
 
+    /// Whether a source still logs: after a stop that failed on a device, that device's
+    /// source does until a stop goes through.
+    pub fn is_logging(&self) -> bool {
+        self.slots.iter().any(|slot| slot.needs_stop)
+    }
+
     /// Whether every source is precisely tracking (none lost, none unsupported; a
     /// device that fell back is as covered as the HWPT source tracking it).
     pub fn fully_covered(&self) -> bool {
@@ -808,7 +814,7 @@ impl Drop for DirtyTracker {
     /// Logging left on costs the device throughput until its fd is closed, so a tracker
     /// that was not stopped stops its sources here (blocking, like every other call).
     fn drop(&mut self) {
-        if self.slots.iter().any(|slot| slot.needs_stop)
+        if self.is_logging()
             && let Err(e) = self.stop()
         {
             tracing::warn!(error = %e, "stopping dirty tracking on drop failed");

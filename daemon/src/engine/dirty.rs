@@ -102,7 +102,9 @@ impl DirtyTrackingStatus {
     }
 
     fn of(group: &str, tracker: &DirtyTracker) -> DirtyTrackingStatus {
-        let active = tracker.is_active();
+        // A device whose stop failed still logs: the group is not shown inactive before
+        // a stop went through on every device.
+        let active = tracker.is_active() || tracker.is_logging();
         let devices = tracker
             .stats()
             .flat_map(|stats| {
@@ -112,7 +114,9 @@ impl DirtyTrackingStatus {
                     page_size: stats.page_size,
                     reason: match &stats.coverage {
                         // Idle coverage only means "not started" before the first start.
-                        Coverage::Idle if !active => Some("dirty tracking is stopped".to_owned()),
+                        Coverage::Idle if !tracker.is_active() => {
+                            Some("dirty tracking is stopped".to_owned())
+                        }
                         _ => stats.device_reason(device).map(str::to_owned),
                     },
                     dirty_pages: stats.dirty_pages_found,
