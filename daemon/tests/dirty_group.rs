@@ -344,6 +344,66 @@ async fn a_device_that_fails_to_start_fails_the_group_and_leaves_nothing_logging
     side.daemon.stop_dirty_tracking("vm").await.unwrap();
 }
 
+/// Reading a HWPT clears it for every reader: a second group on a tracked HWPT would take
+/// the first group's pages away, so its start is refused until the first one stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hwpt_is_tracked_for_one_group_at_a_time() {
+    let on_hwpt = |name: &str, logging: bool, hwpt: &str, seed: u64| {
+        let mut spec = sim(name, logging, seed);
+        spec.iommu = Some(IommuSpec::new(hwpt));
+        spec
+    };
+    let side = side(vec![
+        on_hwpt("one-log", true, "vm1", 1),
+        on_hwpt("one-virtio", false, "vm1", 2),
+        on_hwpt("two-virtio", false, "vm1", 3),
+        on_hwpt("three-virtio", false, "vm2", 4),
+    ])
+    .await;
+    for (group, members) in
+        [("one", &side.devices[..2]), ("two", &side.devices[2..3]), ("three", &side.devices[3..])]
+    {
+        side.daemon
+            .registry
+            .define_group(GroupDef {
+                name: group.into(),
+                devices: members.iter().map(|d| d.name().to_owned()).collect(),
+                allow_multiple_non_p2p: false,
+            })
+            .unwrap();
+    }
+    side.daemon.start_dirty_tracking("one", guest(), 0).await.unwrap();
+    side.devices[1].dma_write(MIB, PAGE);
+
+    let Err(EngineError::FailedPrecondition(refused)) =
+        side.daemon.start_dirty_tracking("two", guest(), 0).await
+    else {
+        panic!("a second group on a tracked HWPT must be refused");
+    };
+    for named in ["group `two`", "`two-virtio`", "sim-iommu hwpt vm1", "group `one`"] {
+        assert!(refused.contains(named), "{named} missing from: {refused}");
+    }
+    assert!(!side.daemon.dirty_tracking("two").await.unwrap().active);
+    // The refused start touched nothing: the first group still finds its page.
+    assert_eq!(exported_pages(&side.daemon.dirty_pages("one").await.unwrap()), BTreeSet::from([MIB]));
+    // Another HWPT is free to track.
+    assert!(side.daemon.start_dirty_tracking("three", guest(), 0).await.unwrap().active);
+
+    side.daemon.stop_dirty_tracking("one").await.unwrap();
+    let status = side.daemon.start_dirty_tracking("two", guest(), 0).await.unwrap();
+    assert_eq!(coverage(&status, "two-virtio").source, "iommufd-hwpt");
+    // A group whose only tie to a tracked HWPT is a device with its own DMA logging is
+    // refused too: a refused START would make that device fall back to the HWPT.
+    let Err(EngineError::FailedPrecondition(refused)) =
+        side.daemon.start_dirty_tracking("one", guest(), 0).await
+    else {
+        panic!("a group that may fall back to a tracked HWPT must be refused");
+    };
+    assert!(refused.contains("group `two`"), "{refused}");
+    side.daemon.stop_dirty_tracking("two").await.unwrap();
+    side.daemon.stop_dirty_tracking("three").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tracked_group_can_be_neither_deleted_nor_joined_until_tracking_stops() {
     let side = group_of_three("m").await;

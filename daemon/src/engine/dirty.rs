@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::device::{ErrorKind, IovaRange, MigrationDevice};
 use crate::dirty::bitmap::DEFAULT_PAGE_SIZE;
-use crate::dirty::{Coverage, DirtyExport, DirtyTracker, TrackerConfig, TrackerError};
+use crate::dirty::{Coverage, DirtyExport, DirtyTracker, HwptDirty, TrackerConfig, TrackerError};
 use crate::engine::{Daemon, EngineError};
 use crate::job::{Job, JobSnapshot};
 use crate::registry::Registry;
@@ -31,14 +31,19 @@ pub struct GroupTracking {
     /// The status the last tracker call left, for readers that must not wait while a
     /// report round holds the tracker. Only written with the tracker locked.
     published: Mutex<DirtyTrackingStatus>,
+    /// The dirty-tracking HWPTs the group's devices are attached to, each with a device
+    /// on it: every one the tracker may read, now or after a fallback. Held, so that
+    /// their keys stay unique while listed.
+    hwpts: Vec<(Arc<dyn HwptDirty>, String)>,
 }
 
 impl GroupTracking {
-    fn new(group: &str, tracker: DirtyTracker) -> GroupTracking {
+    fn new(group: &str, tracker: DirtyTracker, hwpts: Vec<(Arc<dyn HwptDirty>, String)>) -> GroupTracking {
         GroupTracking {
             group: group.to_owned(),
             published: Mutex::new(DirtyTrackingStatus::of(group, &tracker)),
             tracker: Mutex::new(tracker),
+            hwpts,
         }
     }
 
@@ -158,6 +163,12 @@ impl Daemon {
             .iter()
             .map(|name| Ok(self.registry.device(name)?.device.clone()))
             .collect::<Result<Vec<Arc<dyn MigrationDevice>>, EngineError>>()?;
+        let hwpts: Vec<(Arc<dyn HwptDirty>, String)> = def
+            .devices
+            .iter()
+            .zip(&devices)
+            .filter_map(|(name, device)| Some((device.dirty_tracking_hwpt()?, name.clone())))
+            .collect();
         let config = TrackerConfig {
             page_size: if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size },
             ..TrackerConfig::default()
@@ -165,9 +176,14 @@ impl Daemon {
         let tracker = run_blocking(group, move || DirtyTracker::for_devices(&devices, &ranges, config))
             .await?
             .map_err(|e| tracker_error(group, e))?;
-        let tracking = Arc::new(GroupTracking::new(group, tracker));
+        let tracking = Arc::new(GroupTracking::new(group, tracker, hwpts));
         {
             let mut trackers = lock(&self.dirty);
+            if let Some(why) = shared_hwpt(&trackers, &tracking) {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "group `{group}`: cannot start dirty tracking: {why}"
+                )));
+            }
             if let Some(existing) = trackers.get(group) {
                 // An entry is active, starting, or left by a stop that failed on a device.
                 let why = match existing.tracker.try_lock().map(|t| t.is_active()) {
@@ -395,6 +411,26 @@ impl Daemon {
             EngineError::FailedPrecondition(format!("group `{group}`: dirty tracking is not started"))
         })
     }
+}
+
+/// Why `tracking` must not start beside the trackers already listed: a HWPT one of its
+/// devices is attached to is one another group's tracker may read. Reading a HWPT's dirty
+/// bitmap clears it for every reader (and enabling tracking clears it too), so two
+/// trackers of one HWPT would each lose the pages the other read: pages the memory
+/// migration would then never re-send.
+fn shared_hwpt(trackers: &HashMap<String, Arc<GroupTracking>>, tracking: &GroupTracking) -> Option<String> {
+    trackers.values().filter(|other| other.group != tracking.group).find_map(|other| {
+        tracking.hwpts.iter().find_map(|(hwpt, device)| {
+            let (_, theirs) = other.hwpts.iter().find(|(their, _)| their.key() == hwpt.key())?;
+            Some(format!(
+                "device `{device}` is attached to {}, as is device `{theirs}` of group `{}`, \
+                 which is tracked; reading a HWPT clears its dirty bits for every reader, so \
+                 a HWPT is tracked for one group at a time",
+                hwpt.label(),
+                other.group
+            ))
+        })
+    })
 }
 
 /// Takes `tracking` out of the table, if it is still the group's entry, and frees the
