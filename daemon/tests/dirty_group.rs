@@ -5,15 +5,12 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use tokio_stream::wrappers::TcpListenerStream;
+use support::side::{Side, side, wait_finished};
 use tonic::Code;
-use vfio_migd::api::peer::PeerService;
-use vfio_migd::config::Config;
 use vfio_migd::device::sim::{Fault, FaultOp, IommuSpec, SimDevice, SimSpec};
 use vfio_migd::device::{IovaRange, MigrationDevice};
 use vfio_migd::dirty::DirtyExport;
@@ -22,7 +19,7 @@ use vfio_migd::engine::source::MigrationRequest;
 use vfio_migd::engine::{Daemon, EngineError};
 use vfio_migd::fsm::{Caps, State};
 use vfio_migd::job::{JobSnapshot, JobStatus};
-use vfio_migd::registry::{Backend, GroupDef, Registry};
+use vfio_migd::registry::Backend;
 use vfio_migd_proto::v1 as pb;
 
 const MIB: u64 = 1 << 20;
@@ -32,13 +29,6 @@ const PAGE: u64 = 4096;
 /// Two guest ranges with a hole between them.
 fn guest() -> Vec<IovaRange> {
     vec![IovaRange { iova: 0, length: 64 * MIB }, IovaRange { iova: GIB, length: 16 * MIB }]
-}
-
-struct Side {
-    daemon: Arc<Daemon>,
-    devices: Vec<Arc<SimDevice>>,
-    peer: SocketAddr,
-    _dir: tempfile::TempDir,
 }
 
 fn sim(name: &str, logging: bool, seed: u64) -> SimSpec {
@@ -51,48 +41,18 @@ fn sim(name: &str, logging: bool, seed: u64) -> SimSpec {
     spec
 }
 
-/// A daemon with `specs` registered and its peer API served on loopback.
-async fn side(specs: Vec<SimSpec>) -> Side {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
-    let toml = format!("state_dir = \"{}\"\n[peer]\nlisten = \"{peer}\"\n", dir.path().display());
-    let config = Config::from_toml(&toml, true).unwrap();
-    let registry = Arc::new(Registry::default());
-    let mut devices = Vec::new();
-    for spec in specs {
-        let device = Arc::new(SimDevice::with_iommu(spec, registry.sim_iommu()).unwrap());
-        registry.add_device(device.clone() as Arc<dyn MigrationDevice>, Backend::Sim).unwrap();
-        devices.push(device);
-    }
-    let daemon = Daemon::new(config, registry).unwrap();
-    let service = PeerService::new(daemon.clone()).into_server();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    Side { daemon, devices, peer, _dir: dir }
-}
-
 /// Devices `a`, `b` (logging) and `c` (no logging) in group `vm`.
 async fn group_of_three(prefix: &str) -> Side {
-    let side = side(vec![
-        sim(&format!("{prefix}-a"), true, 1),
-        sim(&format!("{prefix}-b"), true, 2),
-        sim(&format!("{prefix}-c"), false, 3),
-    ])
+    let side = side(
+        vec![
+            sim(&format!("{prefix}-a"), true, 1),
+            sim(&format!("{prefix}-b"), true, 2),
+            sim(&format!("{prefix}-c"), false, 3),
+        ],
+        "",
+    )
     .await;
-    side.daemon
-        .registry
-        .define_group(GroupDef {
-            name: "vm".into(),
-            devices: side.devices.iter().map(|d| d.name().to_owned()).collect(),
-            allow_multiple_non_p2p: false,
-        })
-        .unwrap();
+    side.define_group("vm", &side.devices);
     side
 }
 
@@ -205,15 +165,8 @@ async fn devices_without_logging_are_tracked_by_their_hwpt_and_each_reports_its_
     let mut qat = sim("h-qat", false, 3);
     qat.iommu = Some(IommuSpec { dirty_tracking: false, ..IommuSpec::new("vm2") });
     let uart = sim("h-uart", false, 4);
-    let side = side(vec![logging, virtio, qat, uart]).await;
-    side.daemon
-        .registry
-        .define_group(GroupDef {
-            name: "vm".into(),
-            devices: side.devices.iter().map(|d| d.name().to_owned()).collect(),
-            allow_multiple_non_p2p: false,
-        })
-        .unwrap();
+    let side = side(vec![logging, virtio, qat, uart], "").await;
+    side.define_group("vm", &side.devices);
     let [logging, virtio, qat, uart] = &side.devices[..] else { unreachable!() };
     let iommu = side.daemon.registry.sim_iommu();
 
@@ -353,25 +306,19 @@ async fn a_hwpt_is_tracked_for_one_group_at_a_time() {
         spec.iommu = Some(IommuSpec::new(hwpt));
         spec
     };
-    let side = side(vec![
-        on_hwpt("one-log", true, "vm1", 1),
-        on_hwpt("one-virtio", false, "vm1", 2),
-        on_hwpt("two-virtio", false, "vm1", 3),
-        on_hwpt("three-virtio", false, "vm2", 4),
-    ])
+    let side = side(
+        vec![
+            on_hwpt("one-log", true, "vm1", 1),
+            on_hwpt("one-virtio", false, "vm1", 2),
+            on_hwpt("two-virtio", false, "vm1", 3),
+            on_hwpt("three-virtio", false, "vm2", 4),
+        ],
+        "",
+    )
     .await;
-    for (group, members) in
-        [("one", &side.devices[..2]), ("two", &side.devices[2..3]), ("three", &side.devices[3..])]
-    {
-        side.daemon
-            .registry
-            .define_group(GroupDef {
-                name: group.into(),
-                devices: members.iter().map(|d| d.name().to_owned()).collect(),
-                allow_multiple_non_p2p: false,
-            })
-            .unwrap();
-    }
+    side.define_group("one", &side.devices[..2]);
+    side.define_group("two", &side.devices[2..3]);
+    side.define_group("three", &side.devices[3..]);
     side.daemon.start_dirty_tracking("one", guest(), 0).await.unwrap();
     side.devices[1].dma_write(MIB, PAGE);
 
@@ -481,22 +428,6 @@ async fn a_group_seen_inactive_after_a_stop_can_be_started_again_at_once() {
     }
 }
 
-async fn wait_finished(daemon: &Daemon, job_id: &str) -> JobSnapshot {
-    let job = daemon.job(job_id).unwrap();
-    let mut changes = job.subscribe();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            let snapshot = job.snapshot();
-            if snapshot.status != JobStatus::Running {
-                return snapshot;
-            }
-            changes.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("job did not finish")
-}
-
 /// The job's end is published before its task stops the group's tracking: wait for it.
 async fn wait_tracking_stopped(daemon: &Daemon) {
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -532,7 +463,7 @@ async fn migrate_group(src: &Side, dst: &Side, job_id: &str) -> JobSnapshot {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tracking_stops_when_a_migration_of_the_group_ends() {
     let src = group_of_three("src").await;
-    let dst = side(vec![sim("dst-a", true, 11), sim("dst-b", true, 12), sim("dst-c", true, 13)]).await;
+    let dst = side(vec![sim("dst-a", true, 11), sim("dst-b", true, 12), sim("dst-c", true, 13)], "").await;
 
     // A migration that fails and rolls back ends the tracking too.
     src.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
@@ -555,14 +486,7 @@ async fn tracking_stops_when_a_migration_of_the_group_ends() {
     src.daemon.start_dirty_tracking("vm", guest(), 0).await.unwrap();
     src.devices[0].dma_write(MIB, PAGE);
     assert_eq!(src.daemon.dirty_pages("vm").await.unwrap().dirty_pages(), 1);
-    dst.daemon
-        .registry
-        .define_group(GroupDef {
-            name: "vm-dst".into(),
-            devices: dst.devices.iter().map(|d| d.name().to_owned()).collect(),
-            allow_multiple_non_p2p: false,
-        })
-        .unwrap();
+    dst.define_group("vm-dst", &dst.devices);
     dst.daemon.start_dirty_tracking("vm-dst", guest(), 0).await.unwrap();
     dst.devices[1].dma_write(GIB, PAGE);
     assert_eq!(dst.daemon.dirty_pages("vm-dst").await.unwrap().dirty_pages(), 1);

@@ -2,28 +2,15 @@
 //! data connections on loopback, simulated devices. (The multi-process tests in `tests/`
 //! run the same flows through the daemon binary and the control API.)
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+mod support;
 
 use nix::errno::Errno;
-use tokio_stream::wrappers::TcpListenerStream;
-use vfio_migd::api::peer::PeerService;
-use vfio_migd::config::Config;
+use support::side::{Side, side, wait_finished};
 use vfio_migd::device::MigrationDevice;
 use vfio_migd::device::sim::{ArcEvent, Fault, FaultOp, SimDevice, SimSpec};
-use vfio_migd::engine::Daemon;
 use vfio_migd::engine::source::MigrationRequest;
 use vfio_migd::fsm::{Caps, State};
 use vfio_migd::job::{JobSnapshot, JobStatus};
-use vfio_migd::registry::{Backend, GroupDef, Registry};
-
-struct Side {
-    daemon: Arc<Daemon>,
-    devices: Vec<Arc<SimDevice>>,
-    peer: SocketAddr,
-    _dir: tempfile::TempDir,
-}
 
 fn spec(name: &str, model: &str, caps: &str, size: u64, seed: u64) -> SimSpec {
     let mut s = SimSpec::new(name);
@@ -32,47 +19,6 @@ fn spec(name: &str, model: &str, caps: &str, size: u64, seed: u64) -> SimSpec {
     s.state_size = size;
     s.seed = Some(seed);
     s
-}
-
-async fn side(specs: Vec<SimSpec>, extra_toml: &str) -> Side {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = listener.local_addr().unwrap();
-    let toml = format!("state_dir = \"{}\"\n[peer]\nlisten = \"{peer}\"\n{extra_toml}", dir.path().display());
-    let config = Config::from_toml(&toml, true).unwrap();
-    let registry = Arc::new(Registry::default());
-    let mut devices = Vec::new();
-    for s in specs {
-        let device = Arc::new(SimDevice::new(s).unwrap());
-        registry.add_device(device.clone() as Arc<dyn MigrationDevice>, Backend::Sim).unwrap();
-        devices.push(device);
-    }
-    let daemon = Daemon::new(config, registry).unwrap();
-    let service = PeerService::new(daemon.clone()).into_server();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    Side { daemon, devices, peer, _dir: dir }
-}
-
-async fn wait_finished(daemon: &Daemon, job_id: &str) -> JobSnapshot {
-    let job = daemon.job(job_id).unwrap();
-    let mut rx = job.subscribe();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            let s = job.snapshot();
-            if s.status != JobStatus::Running {
-                return s;
-            }
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("job did not finish")
 }
 
 /// Source `src-<name>` and destination `dst-<name>` devices of the same model and caps.
@@ -103,14 +49,7 @@ async fn migrate(src: &Side, dst: &Side, job_id: &str) -> (JobSnapshot, JobSnaps
     let dst_names: Vec<String> = dst.devices.iter().map(|d| d.name().to_string()).collect();
     dst.daemon.prepare_incoming(job_id, dst_names.clone()).await.unwrap();
     if src.daemon.registry.group("vm").is_err() {
-        src.daemon
-            .registry
-            .define_group(GroupDef {
-                name: "vm".into(),
-                devices: names.clone(),
-                allow_multiple_non_p2p: false,
-            })
-            .unwrap();
+        src.define_group("vm", &src.devices);
     }
     let req = MigrationRequest {
         job_id: job_id.into(),
@@ -240,14 +179,7 @@ async fn an_incompatible_destination_is_refused_before_any_device_moves() {
     let dst = side(vec![spec("dst-a", "model-b", "STOP_COPY|P2P", 4096, 2)], "").await;
     let (s, d) = {
         dst.daemon.prepare_incoming("job-x", vec!["dst-a".into()]).await.unwrap();
-        src.daemon
-            .registry
-            .define_group(GroupDef {
-                name: "vm".into(),
-                devices: vec!["src-a".into()],
-                allow_multiple_non_p2p: false,
-            })
-            .unwrap();
+        src.define_group("vm", &src.devices);
         src.daemon
             .start_migration(MigrationRequest {
                 job_id: "job-x".into(),
@@ -272,14 +204,7 @@ async fn an_incompatible_destination_is_refused_before_any_device_moves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_with_two_devices_without_p2p_is_refused() {
     let (src, _dst) = pair(&[("a", "STOP_COPY", 4096), ("b", "STOP_COPY|PRE_COPY", 4096)], "", "").await;
-    src.daemon
-        .registry
-        .define_group(GroupDef {
-            name: "vm".into(),
-            devices: vec!["src-a".into(), "src-b".into()],
-            allow_multiple_non_p2p: false,
-        })
-        .unwrap();
+    src.define_group("vm", &src.devices);
     let err = src.daemon.plan("vm").unwrap_err();
     assert!(err.to_string().contains("cannot be quiesced"), "{err}");
 }
