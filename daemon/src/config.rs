@@ -41,6 +41,8 @@ pub struct Config {
     pub migration: MigrationConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Devices opened at start. `[[device]]` tables with `kind = "sim" | "vfio-group" | "vfio-cdev"`.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -127,6 +129,14 @@ impl Default for MigrationConfig {
             retained_jobs: default_retained_jobs(),
         }
     }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus metrics over HTTP (`GET /metrics`) on this address; off when unset.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

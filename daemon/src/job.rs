@@ -14,13 +14,22 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::dirty::DeviceCoverage;
 use crate::fsm::State;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     Source,
     Destination,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobStatus {
     Running,
     Succeeded,
@@ -37,6 +46,17 @@ pub enum JobStatus {
 impl JobStatus {
     pub fn is_finished(self) -> bool {
         !matches!(self, JobStatus::Running | JobStatus::InDoubt)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::RolledBack => "rolled_back",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Failed => "failed",
+            JobStatus::InDoubt => "in_doubt",
+        }
     }
 }
 
@@ -316,17 +336,62 @@ pub enum JobTableError {
     Conflict(String),
 }
 
+/// Upper bounds, in seconds, of the downtime histogram's buckets: from a few devices of
+/// small state (milliseconds) to GPUs with gigabytes that did not pre-copy (seconds).
+pub const DOWNTIME_BUCKETS: [f64; 12] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// What the jobs that ended since the daemon started add up to (the metrics' counters;
+/// the table itself forgets finished jobs beyond its retention).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobTotals {
+    /// Ended jobs by role and final status.
+    pub ended: BTreeMap<(Role, JobStatus), u64>,
+    /// Device-state bytes moved by ended jobs, by role.
+    pub bytes: BTreeMap<Role, u64>,
+    /// Downtime of the source jobs that succeeded: count per bucket of
+    /// [`DOWNTIME_BUCKETS`] (not cumulative), then the count above the last bound.
+    pub downtime_buckets: [u64; DOWNTIME_BUCKETS.len() + 1],
+    pub downtime_count: u64,
+    pub downtime_sum: Duration,
+}
+
+impl JobTotals {
+    fn add(&mut self, job: &JobSnapshot) {
+        *self.ended.entry((job.role, job.status)).or_default() += 1;
+        *self.bytes.entry(job.role).or_default() += job.bytes_done();
+        if let (Role::Source, JobStatus::Succeeded, Some(downtime)) = (job.role, job.status, job.downtime) {
+            let secs = downtime.as_secs_f64();
+            let bucket =
+                DOWNTIME_BUCKETS.iter().position(|&bound| secs <= bound).unwrap_or(DOWNTIME_BUCKETS.len());
+            self.downtime_buckets[bucket] += 1;
+            self.downtime_count += 1;
+            self.downtime_sum += downtime;
+        }
+    }
+}
+
 /// All jobs of this daemon: running ones, and the most recent finished ones.
 #[derive(Debug)]
 pub struct JobTable {
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     finished_order: Mutex<VecDeque<String>>,
     retained: usize,
+    totals: Mutex<JobTotals>,
 }
 
 impl JobTable {
     pub fn new(retained: usize) -> JobTable {
-        JobTable { jobs: Mutex::default(), finished_order: Mutex::default(), retained: retained.max(1) }
+        JobTable {
+            jobs: Mutex::default(),
+            finished_order: Mutex::default(),
+            retained: retained.max(1),
+            totals: Mutex::default(),
+        }
+    }
+
+    pub fn totals(&self) -> JobTotals {
+        self.totals.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Inserts `job` unless a job with that id exists; returns the job that is in the
@@ -355,12 +420,16 @@ impl JobTable {
     }
 
     /// Called when a job finished: the oldest finished jobs beyond the retention are dropped.
+    /// Counted in the totals the first time.
     pub fn retire(&self, id: &str) {
         let mut order = self.finished_order.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if !order.iter().any(|x| x == id) {
             order.push_back(id.to_string());
+            if let Some(job) = jobs.get(id) {
+                self.totals.lock().unwrap_or_else(|p| p.into_inner()).add(&job.snapshot());
+            }
         }
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         while order.len() > self.retained {
             if let Some(old) = order.pop_front() {
                 jobs.remove(&old);

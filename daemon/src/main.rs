@@ -1,5 +1,6 @@
 //! `vfio-migd`: the daemon. Loads the configuration, opens the configured devices, serves
-//! the control socket, the fd handoff socket and the peer listener until SIGTERM/SIGINT.
+//! the control socket, the fd handoff socket, the peer listener and (when configured) the
+//! metrics listener until SIGTERM/SIGINT.
 //!
 //! Exit codes: 0 after a clean stop, 1 when the daemon fails while starting or running,
 //! 2 for a bad command line or configuration.
@@ -95,6 +96,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         control = %daemon.config.control.socket.display(),
         handoff = %daemon.config.handoff.socket.display(),
         peer = %server.peer_addr()?,
+        metrics = %match server.metrics_addr().transpose()? {
+            Some(addr) => format!("http://{addr}/metrics"),
+            None => "off".to_owned(),
+        },
         state_dir = %daemon.config.state_dir.display(),
         "listening (not serving until the configured devices are open)"
     );
@@ -184,6 +189,10 @@ fn summary(config: &Config) -> String {
     line(format!("migration.pre_copy        {}", config.migration.pre_copy));
     line(format!("migration.pre_copy_max_ms {}", config.migration.pre_copy_max_ms));
     line(format!("migration.retained_jobs   {}", config.migration.retained_jobs));
+    line(format!(
+        "metrics.listen            {}",
+        config.metrics.listen.map_or_else(|| "off".to_owned(), |addr| addr.to_string())
+    ));
     line(format!("log.level                 {}", config.log.level));
     line(format!("log.format                {:?}", config.log.format).to_lowercase());
     line(format!("devices                   {}", config.devices.len()));

@@ -533,3 +533,44 @@ async fn stopping_waits_for_jobs_then_cancels_those_before_commit() {
     assert!(!committing.cancel.is_cancelled());
     daemon.stop().await.unwrap();
 }
+
+/// One HTTP/1.1 exchange on a fresh connection: the status line, headers and body.
+async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics listener");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a header and a body");
+    (head.to_owned(), body.to_owned())
+}
+
+#[tokio::test]
+async fn metrics_are_served_over_http_for_prometheus() {
+    let daemon = TestDaemon::start().await;
+    daemon.add_device("nic0", P2P);
+    daemon.add_device("nic1", P2P);
+    insert_job(&daemon, "running-1");
+
+    let (head, body) = http(daemon.metrics, "GET", "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    for expected in [
+        "vfio_migd_devices{backend=\"sim\"} 2\n",
+        "vfio_migd_jobs{role=\"source\",status=\"running\"} 1\n",
+        "# TYPE vfio_migd_downtime_seconds histogram\n",
+        &format!("vfio_migd_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")),
+    ] {
+        assert!(body.contains(expected), "missing `{expected}` in:\n{body}");
+    }
+    let (head, _) = http(daemon.metrics, "GET", "/").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let (head, _) = http(daemon.metrics, "POST", "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("allow: get, head"), "{head}");
+
+    let metrics = daemon.metrics;
+    daemon.stop().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(metrics).await.is_err(), "the listener closes with the daemon");
+}

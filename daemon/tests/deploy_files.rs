@@ -20,3 +20,36 @@ fn the_systemd_unit_is_a_notify_service_with_its_directories() {
         assert!(unit.lines().any(|l| l == line), "missing `{line}`");
     }
 }
+
+/// The `VFIO_MIGD__…` overrides the DaemonSet sets, with `$(POD_IP)` as `pod_ip`.
+fn daemonset_overrides(pod_ip: &str) -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let manifest = std::fs::read_to_string(path).expect("deploy/daemonset.yaml");
+    let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
+    lines
+        .windows(2)
+        .filter_map(|pair| {
+            let name = pair[0].strip_prefix("- name: ")?.trim_matches('"');
+            let value = pair[1].strip_prefix("value: ")?.trim_matches('"');
+            name.starts_with("VFIO_MIGD__").then(|| (name.to_owned(), value.replace("$(POD_IP)", pod_ip)))
+        })
+        .collect()
+}
+
+#[test]
+fn the_daemonsets_environment_overrides_are_keys_the_daemon_takes() {
+    let overrides = daemonset_overrides("10.1.2.3");
+    let names: Vec<&str> = overrides.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["VFIO_MIGD__PEER__LISTEN", "VFIO_MIGD__METRICS__LISTEN"]);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config.example.toml");
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-migd"))
+        .args(["--config", example, "--check-config"])
+        .envs(overrides)
+        .output()
+        .expect("run vfio-migd --check-config");
+    let summary = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{}{summary}", String::from_utf8_lossy(&checked.stderr));
+    for line in ["peer.listen               10.1.2.3:7410", "metrics.listen            10.1.2.3:7411"] {
+        assert!(summary.lines().any(|l| l == line), "missing `{line}` in:\n{summary}");
+    }
+}

@@ -5,12 +5,15 @@
 mod support;
 
 use nix::errno::Errno;
+use std::time::Duration;
 use support::side::{Side, side, wait_finished};
 use vfio_migd::device::MigrationDevice;
 use vfio_migd::device::sim::{ArcEvent, Fault, FaultOp, SimDevice, SimSpec};
 use vfio_migd::engine::source::MigrationRequest;
 use vfio_migd::fsm::{Caps, State};
-use vfio_migd::job::{JobSnapshot, JobStatus};
+
+use vfio_migd::engine::Daemon;
+use vfio_migd::job::{JobSnapshot, JobStatus, JobTotals, Role};
 
 fn spec(name: &str, model: &str, caps: &str, size: u64, seed: u64) -> SimSpec {
     let mut s = SimSpec::new(name);
@@ -63,6 +66,22 @@ async fn migrate(src: &Side, dst: &Side, job_id: &str) -> (JobSnapshot, JobSnaps
     let s = wait_finished(&src.daemon, job_id).await;
     let d = wait_finished(&dst.daemon, job_id).await;
     (s, d)
+}
+
+/// The daemon's job totals once `jobs` jobs are counted (a job is counted just after it
+/// ends, when the engine retires it).
+async fn totals_after(daemon: &Daemon, jobs: u64) -> JobTotals {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let totals = daemon.jobs.totals();
+            if totals.ended.values().sum::<u64>() >= jobs {
+                return totals;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the ended jobs were never counted")
 }
 
 fn src_peer_of(dst: &Side) -> String {
@@ -127,6 +146,21 @@ async fn a_mixed_group_moves_together_with_the_p2p_barrier() {
     }
     // The commit record exists on the source.
     assert_eq!(src.daemon.journal.read("job-mixed").unwrap(), Some(vfio_migd::engine::Decision::Commit));
+    // What the metrics count: one success on each side, the bytes each side moved (the
+    // pre-copy device's re-sent pages too), the downtime.
+    let state_bytes = (3 << 20) + (5 << 20) + 17 + 4096;
+    assert!(s.bytes_done() >= state_bytes && d.bytes_done() == s.bytes_done(), "{}", s.bytes_done());
+    let totals = totals_after(&src.daemon, 1).await;
+    assert_eq!(totals.ended.into_iter().collect::<Vec<_>>(), [((Role::Source, JobStatus::Succeeded), 1)]);
+    assert_eq!(totals.bytes.get(&Role::Source), Some(&s.bytes_done()));
+    assert_eq!((totals.downtime_count, totals.downtime_sum), (1, s.downtime.unwrap()));
+    let totals = totals_after(&dst.daemon, 1).await;
+    assert_eq!(
+        totals.ended.into_iter().collect::<Vec<_>>(),
+        [((Role::Destination, JobStatus::Succeeded), 1)]
+    );
+    assert_eq!(totals.bytes.get(&Role::Destination), Some(&d.bytes_done()));
+    assert_eq!(totals.downtime_count, 0, "downtime is the source's figure");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -149,6 +183,14 @@ async fn a_device_failure_at_stop_copy_rolls_the_whole_group_back() {
         assert_eq!(dev.loaded_state(), None, "{} must hold no migrated state", dev.name());
         assert!(!dev.arcs().iter().any(|a| a.from == State::Resuming && a.to == State::Stop));
     }
+    let totals = totals_after(&src.daemon, 1).await;
+    assert_eq!(totals.ended.into_iter().collect::<Vec<_>>(), [((Role::Source, JobStatus::RolledBack), 1)]);
+    assert_eq!(totals.downtime_count, 0, "only successful migrations have a downtime");
+    let totals = totals_after(&dst.daemon, 1).await;
+    assert_eq!(
+        totals.ended.into_iter().collect::<Vec<_>>(),
+        [((Role::Destination, JobStatus::RolledBack), 1)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

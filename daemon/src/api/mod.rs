@@ -2,13 +2,15 @@
 //! - the control socket (Unix, 0660): [`control::ControlService`], `grpc.health.v1` and
 //!   server reflection (v1 and v1alpha), so `grpcurl -plaintext -unix <socket> list` works;
 //! - the peer listener (TCP): [`peer::PeerService`] and health, tuned for bulk streams;
-//! - the fd handoff socket (Unix, 0660): [`crate::handoff`].
+//! - the fd handoff socket (Unix, 0660): [`crate::handoff`];
+//! - when configured, Prometheus metrics over HTTP (TCP): [`metrics`].
 //!
 //! [`ApiServer::bind`] binds everything first, with health NOT_SERVING; the caller opens
 //! its configured devices meanwhile and flips [`Readiness::set_serving`] when done.
 
 pub mod control;
 pub mod convert;
+pub mod metrics;
 pub mod peer;
 
 use std::io;
@@ -51,8 +53,9 @@ pub enum ApiError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot bind the peer listener {addr}: {source}")]
+    #[error("cannot bind the {what} listener {addr}: {source}")]
     BindTcp {
+        what: &'static str,
         addr: SocketAddr,
         #[source]
         source: io::Error,
@@ -158,11 +161,12 @@ pub struct ApiServer {
     handoff: UnixListener,
     handoff_file: SocketFile,
     peer: TcpListener,
+    metrics: Option<TcpListener>,
 }
 
 impl ApiServer {
-    /// Binds the control socket, the handoff socket and the peer listener named by the
-    /// daemon's configuration. Health starts NOT_SERVING.
+    /// Binds the control socket, the handoff socket, the peer listener and the metrics
+    /// listener (if any) named by the daemon's configuration. Health starts NOT_SERVING.
     pub async fn bind(daemon: Arc<Daemon>) -> Result<ApiServer, ApiError> {
         let config = &daemon.config;
         let unix = |what, path: &Path| {
@@ -172,11 +176,17 @@ impl ApiServer {
         let control_file = SocketFile(config.control.socket.clone());
         let handoff = unix("handoff", &config.handoff.socket)?;
         let handoff_file = SocketFile(config.handoff.socket.clone());
-        let addr = config.peer.listen;
-        let peer = TcpListener::bind(addr).await.map_err(|source| ApiError::BindTcp { addr, source })?;
+        let tcp = |what, addr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ApiError::BindTcp { what, addr, source })
+        };
+        let peer = tcp("peer", config.peer.listen).await?;
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some(tcp("metrics", addr).await?),
+            None => None,
+        };
         let readiness = Readiness { health: HealthReporter::new(), draining: Arc::default() };
         readiness.set_not_serving().await;
-        Ok(ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer })
+        Ok(ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer, metrics })
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -188,11 +198,17 @@ impl ApiServer {
         self.peer.local_addr()
     }
 
+    /// The metrics listener's address, when metrics are served.
+    pub fn metrics_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.metrics.as_ref().map(TcpListener::local_addr)
+    }
+
     /// Serves until `shutdown`, then removes the socket files. Streaming calls
     /// (`WatchJob`) end at shutdown so they do not hold the server open. If one listener
     /// fails, the others are stopped too.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ApiError> {
-        let ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer } = self;
+        let ApiServer { daemon, readiness, control, control_file, handoff, handoff_file, peer, metrics } =
+            self;
         let _remove_on_exit = (control_file, handoff_file);
         // Only what this socket serves is listed: the Peer service shares the descriptor
         // set but lives on the peer listener.
@@ -229,11 +245,19 @@ impl ApiServer {
                 TcpIncoming::from(peer).with_nodelay(Some(true)),
                 shutdown.clone().cancelled_owned(),
             );
+        let (metrics_daemon, metrics_shutdown) = (daemon.clone(), shutdown.clone());
+        let metrics_server = async move {
+            if let Some(listener) = metrics {
+                metrics::serve(listener, metrics_daemon, metrics_shutdown).await;
+            }
+            Ok::<(), ApiError>(())
+        };
         let handoff_server = crate::handoff::serve(daemon, handoff, shutdown.clone());
         tokio::try_join!(
             async { control_server.await.map_err(|source| ApiError::Serve { what: "control", source }) },
             async { peer_server.await.map_err(|source| ApiError::Serve { what: "peer", source }) },
             async { handoff_server.await.map_err(ApiError::Handoff) },
+            metrics_server,
         )?;
         Ok(())
     }

@@ -356,6 +356,15 @@ impl Daemon {
         snapshot
     }
 
+    /// Every tracked group's status as its last tracker call left it: without waiting for
+    /// a report round in progress (metrics scrapes must not block on devices).
+    pub fn published_dirty_tracking(&self) -> Vec<DirtyTrackingStatus> {
+        let mut published: Vec<DirtyTrackingStatus> =
+            lock(&self.dirty).values().map(|tracking| tracking.published().clone()).collect();
+        published.sort_by(|a, b| a.group.cmp(&b.group));
+        published
+    }
+
     /// The published statistics of the job's devices whose group is being tracked.
     fn live_statistics(&self, job: &JobSnapshot) -> Option<Vec<DeviceCoverage>> {
         let groups: Vec<(&str, String)> = job

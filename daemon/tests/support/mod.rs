@@ -5,6 +5,7 @@
 
 pub mod side;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,12 +26,15 @@ pub struct TestDaemon {
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
     pub served: Option<JoinHandle<Result<(), ApiError>>>,
+    /// Where Prometheus would scrape it.
+    pub metrics: SocketAddr,
 }
 
 pub fn config_in(dir: &Path) -> Config {
     let text = format!(
         "state_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/control.sock\"\n\
-         [handoff]\nsocket = \"{0}/run/handoff.sock\"\n[peer]\nlisten = \"127.0.0.1:0\"\n",
+         [handoff]\nsocket = \"{0}/run/handoff.sock\"\n[peer]\nlisten = \"127.0.0.1:0\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
         dir.display()
     );
     Config::from_toml(&text, false).expect("test configuration")
@@ -43,9 +47,10 @@ impl TestDaemon {
         let daemon = Daemon::new(config_in(dir.path()), Arc::new(Registry::default())).expect("daemon");
         let server = ApiServer::bind(daemon.clone()).await.expect("bind");
         let readiness = server.readiness();
+        let metrics = server.metrics_addr().expect("metrics are configured").expect("metrics address");
         let shutdown = CancellationToken::new();
         let served = Some(tokio::spawn(server.run(shutdown.clone())));
-        TestDaemon { dir, daemon, readiness, shutdown, served }
+        TestDaemon { dir, daemon, readiness, shutdown, served, metrics }
     }
 
     pub async fn start() -> TestDaemon {
