@@ -202,6 +202,12 @@ async fn a_corrupt_stream_never_reaches_resuming_to_stop() {
     let (s, d) = migrate(&src, &dst, "job-corrupt").await;
     assert_eq!(s.status, JobStatus::RolledBack);
     assert_eq!(d.status, JobStatus::RolledBack);
+    // The destination names the device whose frame failed, not only its stream index.
+    let error = d.error.unwrap();
+    assert!(error.starts_with("phase receiving: device 1 frame 1: checksum mismatch"), "{error}");
+    assert!(error.ends_with("; device 1 is `dst-sim-gpu`"), "{error}");
+    let source_error = s.error.unwrap();
+    assert!(source_error.contains(&error), "the source says what the destination found: {source_error}");
     for dev in &src.devices {
         assert_eq!(dev.state().unwrap(), State::Running);
     }

@@ -121,10 +121,11 @@ impl Peer for PeerService {
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
         let req = request.into_inner();
         let daemon = self.daemon.clone();
-        run_to_completion(async move { daemon.abort_incoming(&req.job_id, &req.reason).await })
-            .await
-            .map_err(Status::from)?;
-        Ok(Response::new(pb::AbortResponse {}))
+        let destination_failure =
+            run_to_completion(async move { daemon.abort_incoming(&req.job_id, &req.reason).await })
+                .await
+                .map_err(Status::from)?;
+        Ok(Response::new(pb::AbortResponse { destination_failure: destination_failure.unwrap_or_default() }))
     }
 
     async fn query_job(

@@ -19,6 +19,10 @@ use crate::job::{Job, JobStatus, Phase, Role};
 use crate::registry::Claim;
 use crate::stream::{Preamble, Progress, StreamOptions, StreamReceiver};
 
+/// How a job the source aborted states its end (and how a later Abort tells it from a
+/// failure of its own).
+const ABORTED_BY_SOURCE: &str = "aborted by the source: ";
+
 /// The stream protocol version spoken in the peer handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -70,6 +74,10 @@ pub(crate) struct IncomingJob {
     /// Serialises handshake / commit / abort / resolve.
     step: tokio::sync::Mutex<()>,
     source_peer: Mutex<String>,
+    /// What the receive found wrong, set as soon as it failed: an Abort the source sends
+    /// because its connections broke may come before the failure is handled, and must
+    /// not bury the cause.
+    receive_failure: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for IncomingJob {
@@ -169,6 +177,7 @@ impl Daemon {
             outcome: watch::channel(LoadOutcome::Pending).0,
             step: tokio::sync::Mutex::new(()),
             source_peer: Mutex::default(),
+            receive_failure: Mutex::default(),
         });
         lock(&self.incoming).insert(job_id.to_string(), incoming);
         tracing::info!(job = %job_id, devices = ?job.snapshot().devices.iter().map(|d| &d.name).collect::<Vec<_>>(), "prepared for incoming migration");
@@ -333,7 +342,9 @@ impl Daemon {
                 tokio::pin!(deadline);
                 loop {
                     tokio::select! {
-                        r = &mut receive => break r.map_err(|e| e.to_string()),
+                        r = &mut receive => break r.map_err(|e| {
+                            super::with_device_name(&e, index_names.iter().map(|(i, n)| (*i, n.as_str())))
+                        }),
                         _ = &mut deadline => break Err(format!("the device streams were not complete within {timeout:?}")),
                         _ = ticker.tick() => {
                             for ((index, _), c) in index_names.iter().zip(&counters) {
@@ -350,6 +361,10 @@ impl Daemon {
                 if let Some(c) = c {
                     c.bytes_done.store(progress.bytes(*index), std::sync::atomic::Ordering::Relaxed);
                 }
+            }
+            let result = result.map_err(|message| format!("phase receiving: {message}"));
+            if let Err(message) = &result {
+                *lock(&incoming.receive_failure) = Some(message.clone());
             }
             daemon.finish_receive(incoming, result, index_names, timeout).await;
         });
@@ -372,7 +387,6 @@ impl Daemon {
         let summaries = match received {
             Ok(s) => s,
             Err(message) => {
-                let message = format!("phase receiving: {message}");
                 self.reset_all(&incoming, JobStatus::RolledBack, message.clone()).await;
                 incoming.outcome.send_replace(LoadOutcome::Failed(message));
                 return;
@@ -513,23 +527,27 @@ impl Daemon {
     }
 
     /// Peer Abort: the source decided not to commit (rule D1): reset every device.
-    pub async fn abort_incoming(self: &Arc<Self>, job_id: &str, reason: &str) -> Result<(), EngineError> {
+    /// Returns the error the job had failed with on its own before the abort, if it had.
+    pub async fn abort_incoming(
+        self: &Arc<Self>,
+        job_id: &str,
+        reason: &str,
+    ) -> Result<Option<String>, EngineError> {
         let incoming = self.incoming_job(job_id)?;
         let _step = incoming.step.lock().await;
         let snap = incoming.job.snapshot();
         match snap.status {
             JobStatus::Succeeded => {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "job `{job_id}` already committed and resumed"
-                )));
+                Err(EngineError::FailedPrecondition(format!("job `{job_id}` already committed and resumed")))
             }
             JobStatus::Running | JobStatus::InDoubt => {
-                self.reset_all(&incoming, JobStatus::RolledBack, format!("aborted by the source: {reason}"))
-                    .await;
+                let found = lock(&incoming.receive_failure).clone();
+                let message = found.clone().unwrap_or_else(|| format!("{ABORTED_BY_SOURCE}{reason}"));
+                self.reset_all(&incoming, JobStatus::RolledBack, message).await;
+                Ok(found)
             }
-            _ => {}
+            _ => Ok(snap.error.filter(|error| !error.starts_with(ABORTED_BY_SOURCE))),
         }
-        Ok(())
     }
 
     /// Resets every device of an incoming job (power-on state, no migrated state) and

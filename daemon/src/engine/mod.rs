@@ -211,3 +211,16 @@ pub async fn blocking<T: Send + 'static>(
             .with_detail(format!("device thread panicked: {join}")))
     })
 }
+
+/// A stream error as an operator reads it: the stream counts devices by their index in
+/// it, which only this side can turn into the device's name.
+pub(crate) fn with_device_name<'a>(
+    error: &crate::stream::StreamError,
+    names: impl IntoIterator<Item = (u32, &'a str)>,
+) -> String {
+    let named = error.device().and_then(|index| names.into_iter().find(|(i, _)| *i == index));
+    match named {
+        Some((index, name)) => format!("{error}; device {index} is `{name}`"),
+        None => error.to_string(),
+    }
+}

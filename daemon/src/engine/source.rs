@@ -522,7 +522,10 @@ impl SourceRun {
         tokio::pin!(deadline);
         let summaries = loop {
             tokio::select! {
-                r = &mut finish => break r.map_err(|e| Failure::new(Phase::Drain, e.to_string()))?,
+                r = &mut finish => break r.map_err(|e| {
+                    let names = devices.iter().map(|d| (d.index, d.device.name()));
+                    Failure::new(Phase::Drain, super::with_device_name(&e, names))
+                })?,
                 _ = ticker.tick() => self.sync_progress(devices),
                 _ = cancel.cancelled() => return Err(Failure { phase: Phase::Drain, message: "cancelled by the control API".into(), cancelled: true }),
                 _ = &mut deadline => return Err(Failure::new(Phase::Drain, format!("timed out after {:?}", self.timeout))),
@@ -652,7 +655,7 @@ impl SourceRun {
     /// Rule S1: before commit, every device goes back to RUNNING along legal arcs.
     async fn rollback(&mut self, devices: &mut [SourceDevice], failure: Failure) {
         let job_id = self.req.job_id.clone();
-        let message = format!("phase {}: {}", failure.phase, failure.message);
+        let mut message = format!("phase {}: {}", failure.phase, failure.message);
         tracing::warn!(job = %job_id, phase = %failure.phase, error = %failure.message, "rolling back");
         self.job.enter_phase(Phase::Rollback);
         if let Some(sender) = self.sender.take() {
@@ -664,7 +667,14 @@ impl SourceRun {
         if let Some(mut peer) = self.peer.clone() {
             let abort = peer.abort(pb::AbortRequest { job_id: job_id.clone(), reason: message.clone() });
             match tokio::time::timeout(Duration::from_secs(5), abort).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(answer)) => {
+                    // The destination's own finding is the cause when this side only saw
+                    // the connections it closed (a broken pipe in drain, for instance).
+                    let found = answer.into_inner().destination_failure;
+                    if !found.is_empty() && !message.contains(&found) {
+                        message = format!("{message}; the destination had failed first: {found}");
+                    }
+                }
                 Ok(Err(s)) => {
                     tracing::warn!(job = %job_id, error = %s.message(), "destination did not confirm the abort")
                 }
