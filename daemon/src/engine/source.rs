@@ -672,7 +672,7 @@ impl SourceRun {
                     // the connections it closed (a broken pipe in drain, for instance).
                     let found = answer.into_inner().destination_failure;
                     if !found.is_empty() && !message.contains(&found) {
-                        message = format!("{message}; the destination had failed first: {found}");
+                        message = format!("{message}; the destination found: {found}");
                     }
                 }
                 Ok(Err(s)) => {
