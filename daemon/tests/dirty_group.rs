@@ -11,6 +11,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use support::side::{Side, side, wait_finished};
 use tonic::Code;
+use tonic::transport::Channel;
 use vfio_migd::device::sim::{Fault, FaultOp, IommuSpec, SimDevice, SimSpec};
 use vfio_migd::device::{IovaRange, MigrationDevice};
 use vfio_migd::dirty::DirtyExport;
@@ -21,6 +22,7 @@ use vfio_migd::fsm::{Caps, State};
 use vfio_migd::job::{JobSnapshot, JobStatus};
 use vfio_migd::registry::Backend;
 use vfio_migd_proto::v1 as pb;
+use vfio_migd_proto::v1::control_client::ControlClient;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -524,25 +526,10 @@ fn assert_kept(daemon: &Daemon, job_id: &str, expected: &[(&str, &str, u64, u64)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_api_starts_reads_and_stops_tracking() {
     let daemon = support::TestDaemon::start().await;
-    let mut names = Vec::new();
-    let mut sims = Vec::new();
-    for (name, logging) in [("api-a", true), ("api-b", true), ("api-c", false)] {
-        let device = Arc::new(SimDevice::new(sim(name, logging, 7)).unwrap());
-        daemon.daemon.registry.add_device(device.clone(), Backend::Sim).unwrap();
-        names.push(name.to_owned());
-        sims.push(device);
-    }
-    let mut control = daemon.control().await;
-    control
-        .define_group(pb::DefineGroupRequest {
-            name: "vm".into(),
-            devices: names,
-            allow_multiple_non_p2p: false,
-        })
-        .await
-        .unwrap();
-    let ranges: Vec<pb::IovaRange> =
-        guest().iter().map(|r| pb::IovaRange { iova: r.iova, length: r.length }).collect();
+    let specs =
+        [("api-a", true), ("api-b", true), ("api-c", false)].map(|(name, logging)| sim(name, logging, 7));
+    let (mut control, _, sims) = group_over_the_api(&daemon, specs.into()).await;
+    let ranges = guest_over_the_api();
     let started = control
         .start_dirty_tracking(pb::StartDirtyTrackingRequest {
             group: "vm".into(),
@@ -618,26 +605,17 @@ fn started_request(devices: &[String], peer: &std::net::TcpListener) -> pb::Star
     }
 }
 
-fn by_device(stats: &[pb::DeviceDirtyCoverage]) -> Vec<(&str, &str, u64, u64)> {
-    stats.iter().map(|d| (d.device.as_str(), d.source.as_str(), d.dirty_pages, d.reports)).collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_shows_its_devices_dirty_statistics_live_and_keeps_the_last_ones_when_it_ends() {
-    let daemon = support::TestDaemon::start().await;
-    let mut names = Vec::new();
-    let mut sims = Vec::new();
-    // Each logging device writes its `iovas` as soon as logging starts.
-    for (name, logging, iovas) in
-        [("job-a", true, vec![0x1000, 0x5000]), ("job-b", true, vec![GIB]), ("job-c", false, vec![0x9000])]
-    {
-        let mut spec = sim(name, logging, 5);
-        spec.dma_logging.writes.iovas = iovas;
-        let device = Arc::new(SimDevice::new(spec).unwrap());
+/// Registers `specs` in `daemon` and defines them as group `vm` through the control API.
+async fn group_over_the_api(
+    daemon: &support::TestDaemon,
+    specs: Vec<SimSpec>,
+) -> (ControlClient<Channel>, Vec<String>, Vec<Arc<SimDevice>>) {
+    let sims: Vec<Arc<SimDevice>> =
+        specs.into_iter().map(|spec| Arc::new(SimDevice::new(spec).unwrap())).collect();
+    for device in &sims {
         daemon.daemon.registry.add_device(device.clone(), Backend::Sim).unwrap();
-        names.push(name.to_owned());
-        sims.push(device);
     }
+    let names: Vec<String> = sims.iter().map(|d| d.name().to_owned()).collect();
     let mut control = daemon.control().await;
     control
         .define_group(pb::DefineGroupRequest {
@@ -647,7 +625,31 @@ async fn a_job_shows_its_devices_dirty_statistics_live_and_keeps_the_last_ones_w
         })
         .await
         .unwrap();
-    let ranges = guest().iter().map(|r| pb::IovaRange { iova: r.iova, length: r.length }).collect();
+    (control, names, sims)
+}
+
+/// [`guest`] as the control API takes it.
+fn guest_over_the_api() -> Vec<pb::IovaRange> {
+    guest().iter().map(|r| pb::IovaRange { iova: r.iova, length: r.length }).collect()
+}
+
+fn by_device(stats: &[pb::DeviceDirtyCoverage]) -> Vec<(&str, &str, u64, u64)> {
+    stats.iter().map(|d| (d.device.as_str(), d.source.as_str(), d.dirty_pages, d.reports)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_shows_its_devices_dirty_statistics_live_and_keeps_the_last_ones_when_it_ends() {
+    let daemon = support::TestDaemon::start().await;
+    // Each logging device writes its `iovas` as soon as logging starts.
+    let specs =
+        [("job-a", true, vec![0x1000, 0x5000]), ("job-b", true, vec![GIB]), ("job-c", false, vec![0x9000])]
+            .map(|(name, logging, iovas)| {
+                let mut spec = sim(name, logging, 5);
+                spec.dma_logging.writes.iovas = iovas;
+                spec
+            });
+    let (mut control, names, sims) = group_over_the_api(&daemon, specs.into()).await;
+    let ranges = guest_over_the_api();
     control
         .start_dirty_tracking(pb::StartDirtyTrackingRequest { group: "vm".into(), ranges, page_size: 0 })
         .await
