@@ -8,6 +8,7 @@
 //! - [`engine`]: the group sequencer (plan, source, destination, two-phase commit);
 //! - [`stream`]: the device-state stream between daemons (frames, pumps, connections);
 //! - [`job`]: job identity, phases, progress, downtime;
+//! - [`peer_identity`]: who a peer daemon is (address, verified certificate names);
 //! - [`registry`]: devices and groups owned by this daemon;
 //! - [`config`]: the TOML configuration;
 //! - [`api`]: the control and peer gRPC services and the listeners;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod fsm;
 pub mod handoff;
 pub mod job;
+pub mod peer_identity;
 pub mod registry;
 pub mod stream;
 pub mod telemetry;
