@@ -45,7 +45,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// The source's durable decision for a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Decision {
     Commit,
     Abort,

@@ -14,6 +14,7 @@ pub mod commit;
 pub mod destination;
 pub mod dirty;
 pub mod plan;
+pub mod protocol;
 pub mod source;
 
 use std::collections::HashMap;
