@@ -1,6 +1,7 @@
 //! The migration engine: moves a group of devices to a peer daemon as one unit.
 //!
-//! - [`plan`]: the group plan from capabilities (pure);
+//! - [`plan`]: the group plan from capabilities and the group sequencer (pure);
+//! - [`sequence`]: executes the sequencer's steps on devices;
 //! - [`commit`]: the two-phase commit rules and the source's journal;
 //! - [`source`]: the source side (coordinator);
 //! - [`destination`]: the destination side (serves the peer API);
@@ -15,6 +16,7 @@ pub mod destination;
 pub mod dirty;
 pub mod plan;
 pub mod protocol;
+pub mod sequence;
 pub mod source;
 
 use std::collections::HashMap;

@@ -1,8 +1,10 @@
 //! The source side of a migration: the coordinator of the two-phase commit.
 //!
-//! Phases (see [`super::commit`] for the rules): handshake → [pre-copy] → P2P barrier →
-//! stop-copy barrier → drain → await loaded → commit (journal, then tell) → cleanup.
-//! Any failure before the commit record rolls every device back to RUNNING.
+//! Phases (see [`super::commit`] for the rules): handshake → [pre-copy] → switchover
+//! (P2P barrier, the device without P2P stopped alone, stop-copy barrier, in the order
+//! [`super::plan::switchover`] gives) → drain → await loaded → commit (journal, then
+//! tell) → cleanup. Any failure before the commit record rolls every device back to its
+//! starting state ([`super::plan::rollback`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -13,13 +15,18 @@ use tonic::transport::{Channel, Endpoint};
 use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::peer_client::PeerClient;
 
-use super::plan::{self, GroupPlan, StopOrder};
+use super::plan::{self, BarrierKind, GroupPlan};
 use super::{Daemon, Decision, EngineError, transition_all};
 use crate::device::{DataFd, MigrationDevice};
 use crate::fsm::State;
 use crate::job::{Job, JobStatus, Phase, Role};
 use crate::registry::Claim;
 use crate::stream::{Preamble, Progress, StreamOptions, StreamSender, Switchover};
+
+/// The state a rollback returns every device to: the state a migration starts from. (The
+/// commit-protocol half of issue #11 records each device's own state at claim; this is
+/// the one place that then reads it.)
+const ROLLBACK_TARGET: State = State::Running;
 
 /// What `StartMigration` asks for.
 #[derive(Clone, Debug)]
@@ -487,26 +494,47 @@ impl SourceRun {
             self.wait_initial_data(devices).await?;
         }
 
-        // P2P barrier: every P2P device quiesced before any device stops.
+        // Switchover, in the sequencer's order (engine/plan.rs): the P2P barrier; hold
+        // before-stop; the device without P2P stopped alone and confirmed; every device to
+        // STOP_COPY; final dirty sync; hold after-stop. Planned before the downtime starts,
+        // from the states this job put the devices in: nothing is asked of a device here.
+        let steps = plan.switchover().map_err(|e| Failure::new(Phase::P2pBarrier, e.to_string()))?;
         self.job.enter_phase(Phase::P2pBarrier);
         self.downtime_start = Some(Instant::now());
-        self.barrier(Phase::P2pBarrier, devices, |d| match (d.plan.stop_order, d.plan.pre_copy) {
-            (StopOrder::P2pQuiesce, true) => Some(State::PreCopyP2p),
-            (StopOrder::P2pQuiesce, false) => Some(State::RunningP2p),
-            _ => None,
-        })
-        .await?;
-
-        // Stop-copy barrier: devices without P2P stop only now, after the others quiesced.
-        self.job.enter_phase(Phase::StopCopy);
-        self.barrier(Phase::StopCopy, devices, |_| Some(State::StopCopy)).await?;
-        for d in devices.iter_mut() {
-            match &d.switchover {
-                Some(switchover) => switchover.fire(),
-                None => {
-                    let switchover = Switchover::new();
-                    switchover.fire();
-                    self.start_stream(Phase::StopCopy, d, switchover)?;
+        let mut stopping = false;
+        for step in &steps {
+            match step {
+                plan::Step::Barrier { kind, moves } => {
+                    let phase =
+                        if *kind == BarrierKind::P2pQuiesce { Phase::P2pBarrier } else { Phase::StopCopy };
+                    if phase == Phase::StopCopy && !stopping {
+                        stopping = true;
+                        self.job.enter_phase(Phase::StopCopy);
+                    }
+                    self.barrier(phase, devices, |d| {
+                        moves.iter().find(|m| m.device == d.index as usize).map(|m| m.target)
+                    })
+                    .await?;
+                }
+                plan::Step::FinalDirtySync => {
+                    // Every device is in STOP_COPY (the sequencer puts this step right
+                    // after the last stop): the drain starts now, the sync runs beside it.
+                    for d in devices.iter_mut() {
+                        match &d.switchover {
+                            Some(switchover) => switchover.fire(),
+                            None => {
+                                let switchover = Switchover::new();
+                                switchover.fire();
+                                self.start_stream(Phase::StopCopy, d, switchover)?;
+                            }
+                        }
+                    }
+                    // The final dirty read itself is issue #15's; nothing to do yet.
+                }
+                // Issue #15 gives the holds a body (the control plane's go, the VMM's RAM).
+                plan::Step::Hold(_) => {}
+                plan::Step::Reset { .. } => {
+                    return Err(Failure::new(Phase::StopCopy, "the switchover plan asked for a reset"));
                 }
             }
         }
@@ -652,7 +680,8 @@ impl SourceRun {
         }
     }
 
-    /// Rule S1: before commit, every device goes back to RUNNING along legal arcs.
+    /// Rule S1: before commit, every device goes back to its recorded state along legal
+    /// arcs, in the order `plan::rollback` gives.
     async fn rollback(&mut self, devices: &mut [SourceDevice], failure: Failure) {
         let job_id = self.req.job_id.clone();
         let mut message = format!("phase {}: {}", failure.phase, failure.message);
@@ -688,42 +717,60 @@ impl SourceRun {
             }
         }
         let mut errors = Vec::new();
-        // Find where each device is; a device in ERROR can only be reset (its state is lost).
-        let mut p2p = Vec::new();
-        let mut all = Vec::new();
+        // Find where each device is, then climb back in the sequencer's order
+        // (engine/plan.rs, `rollback`): P2P devices to RUNNING_P2P, then the device
+        // without P2P, resets of devices in ERROR, then every device to its recorded state.
+        let mut members = Vec::with_capacity(devices.len());
+        let mut planned = Vec::with_capacity(devices.len());
         for d in devices.iter() {
-            let state = super::blocking(&d.device, |dev| dev.state()).await;
-            match state {
-                Ok(State::Running) => {}
-                Ok(State::Error) => {
-                    errors.push(format!(
-                        "device `{}` fell into ERROR and was reset: its running state is lost",
-                        d.device.name()
-                    ));
-                    if let Err(e) = super::blocking(&d.device, |dev| dev.reset()).await {
-                        errors.push(format!("phase rollback: {e}"));
-                    }
-                }
-                Ok(_) => {
-                    if d.plan.caps.has_p2p() {
-                        p2p.push((d.device.clone(), State::RunningP2p));
-                    }
-                    all.push((d.device.clone(), State::Running));
+            match super::blocking(&d.device, |dev| dev.state()).await {
+                Ok(state) => {
+                    members.push(plan::Member::new(d.device.name(), d.plan.caps, state));
+                    planned.push(d.device.clone());
                 }
                 Err(e) => errors.push(format!("phase rollback: {e}")),
             }
         }
-        // Resume order mirrors the stop order: every P2P device quiesced-running first.
-        for ((device, target), r) in p2p.iter().zip(transition_all(&p2p).await) {
-            match r {
-                Ok(_) => self.job.set_device_state(device.name(), *target),
-                Err(e) => errors.push(format!("phase rollback: {e}")),
-            }
-        }
-        for ((device, target), r) in all.iter().zip(transition_all(&all).await) {
-            match r {
-                Ok(_) => self.job.set_device_state(device.name(), *target),
-                Err(e) => errors.push(format!("phase rollback: {e}")),
+        let recorded = vec![ROLLBACK_TARGET; members.len()];
+        let steps = plan::rollback(&members, &recorded).unwrap_or_else(|e| {
+            errors.push(format!("phase rollback: {e}"));
+            Vec::new()
+        });
+        // A device whose SET failed is left where the kernel left it (and named in the
+        // error); the others go on, since the VM needs them running on this host.
+        let mut failed = vec![false; planned.len()];
+        for step in &steps {
+            match step {
+                plan::Step::Barrier { moves, .. } => {
+                    let moves: Vec<plan::Move> =
+                        moves.iter().copied().filter(|m| !failed[m.device]).collect();
+                    for (m, r) in moves.iter().zip(super::sequence::barrier(&planned, &moves).await) {
+                        match r {
+                            Ok(_) => self.job.set_device_state(planned[m.device].name(), m.target),
+                            Err(e) => {
+                                failed[m.device] = true;
+                                errors.push(format!("phase rollback: {e}"));
+                            }
+                        }
+                    }
+                }
+                plan::Step::Reset { devices: broken } => {
+                    for &i in broken {
+                        let device = &planned[i];
+                        errors.push(format!(
+                            "device `{}` fell into ERROR and was reset: its running state is lost",
+                            device.name()
+                        ));
+                        match super::sequence::reset(device).await {
+                            Ok(()) => self.job.set_device_state(device.name(), State::Running),
+                            Err(e) => {
+                                failed[i] = true;
+                                errors.push(format!("phase rollback: {e}"));
+                            }
+                        }
+                    }
+                }
+                plan::Step::Hold(_) | plan::Step::FinalDirtySync => {}
             }
         }
         let status = if !errors.is_empty() {
