@@ -62,6 +62,10 @@ pub enum RegistryError {
     #[error("device `{0}` is listed twice")]
     Repeated(String),
     #[error(
+        "device `{device}` migrated away in job `{job}`: its state runs on the destination now; remove (release) the device before using it again"
+    )]
+    MigratedAway { device: String, job: String },
+    #[error(
         "group `{0}` is dirty-tracked: stop dirty tracking first (its tracker covers exactly its current devices)"
     )]
     Tracked(String),
@@ -77,6 +81,9 @@ struct Inner {
     /// exactly the devices it was built over (a device joining later would be silently
     /// untracked, a deleted group's tracker could no longer be stopped by name).
     tracked: BTreeSet<String>,
+    /// device name -> the job its state migrated away in: the device holds a VM state
+    /// that runs elsewhere now, so it is never claimed (or resumed) again until released.
+    migrated_away: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -149,7 +156,23 @@ impl Registry {
         if let Some(group) = inner.groups.values().find(|g| g.devices.iter().any(|d| d == name)) {
             return Err(RegistryError::InGroup { device: name.into(), group: group.name.clone() });
         }
-        inner.devices.remove(name).ok_or_else(|| RegistryError::UnknownDevice(name.into()))
+        let removed = inner.devices.remove(name).ok_or_else(|| RegistryError::UnknownDevice(name.into()))?;
+        // Releasing the device is what clears the mark (until the lifecycle issue adds a reset).
+        inner.migrated_away.remove(name);
+        Ok(removed)
+    }
+
+    /// Marks devices whose state migrated away in `job_id` (a commit is or may be on disk).
+    pub fn mark_migrated_away(&self, names: &[String], job_id: &str) {
+        let mut inner = self.lock();
+        for name in names {
+            inner.migrated_away.insert(name.clone(), job_id.to_string());
+        }
+    }
+
+    /// The job a device's state migrated away in, if it did.
+    pub fn migrated_away(&self, name: &str) -> Option<String> {
+        self.lock().migrated_away.get(name).cloned()
     }
 
     pub fn device(&self, name: &str) -> Result<Arc<RegisteredDevice>, RegistryError> {
@@ -272,6 +295,9 @@ impl Registry {
             let entry = inner.devices.get(name).ok_or_else(|| RegistryError::UnknownDevice(name.clone()))?;
             if let Some(job) = inner.claims.get(name) {
                 return Err(RegistryError::Busy { device: name.clone(), job: job.clone() });
+            }
+            if let Some(job) = inner.migrated_away.get(name) {
+                return Err(RegistryError::MigratedAway { device: name.clone(), job: job.clone() });
             }
             devices.push((name.clone(), entry.clone()));
         }

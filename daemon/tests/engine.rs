@@ -12,8 +12,10 @@ use vfio_migd::device::sim::{ArcEvent, Fault, FaultOp, SimDevice, SimSpec};
 use vfio_migd::engine::source::MigrationRequest;
 use vfio_migd::fsm::{Caps, State};
 
-use vfio_migd::engine::Daemon;
+use vfio_migd::engine::{Daemon, Decision, EngineError};
 use vfio_migd::job::{JobSnapshot, JobStatus, JobTotals, Role};
+use vfio_migd::peer_identity::PeerIdentity;
+use vfio_migd_proto::v1 as pb;
 
 fn spec(name: &str, model: &str, caps: &str, size: u64, seed: u64) -> SimSpec {
     let mut s = SimSpec::new(name);
@@ -255,4 +257,165 @@ async fn a_group_with_two_devices_without_p2p_is_refused() {
     src.define_group("vm", &src.devices);
     let err = src.daemon.plan("vm").unwrap_err();
     assert!(err.to_string().contains("cannot be quiesced"), "{err}");
+}
+
+/// Starts `job_id` from group `vm` to `dst` without waiting for it to end.
+async fn start(src: &Side, dst: &Side, job_id: &str, phase_timeout_ms: u64) {
+    let names: Vec<String> = src.devices.iter().map(|d| d.name().to_string()).collect();
+    let dst_names: Vec<String> = dst.devices.iter().map(|d| d.name().to_string()).collect();
+    dst.daemon.prepare_incoming(job_id, dst_names.clone()).await.unwrap();
+    if src.daemon.registry.group("vm").is_err() {
+        src.define_group("vm", &src.devices);
+    }
+    src.daemon
+        .start_migration(MigrationRequest {
+            job_id: job_id.into(),
+            group: "vm".into(),
+            peer: src_peer_of(dst),
+            mapping: names.into_iter().zip(dst_names).collect(),
+            phase_timeout_ms,
+            data_connections: 0,
+        })
+        .await
+        .unwrap();
+}
+
+fn from(ip: [u8; 4]) -> PeerIdentity {
+    PeerIdentity { addr: Some(std::net::SocketAddr::from((ip, 40_000))), names: Vec::new() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn case1_devices_that_migrated_away_or_are_paused_are_never_claimed() {
+    let (src, dst) = pair(&[("sim-nic", "STOP_COPY|P2P", 1 << 20)], "", "").await;
+    let (s, d) = migrate(&src, &dst, "job-first").await;
+    assert_eq!((s.status, d.status), (JobStatus::Succeeded, JobStatus::Succeeded), "{:?}", s.error);
+    // A retry of the same group (automation, an operator) must not resume the state that
+    // now runs on the destination.
+    let err = src
+        .daemon
+        .start_migration(MigrationRequest {
+            job_id: "job-second".into(),
+            group: "vm".into(),
+            peer: src_peer_of(&dst),
+            mapping: vec![("src-sim-nic".into(), "dst-sim-nic".into())],
+            phase_timeout_ms: 2_000,
+            data_connections: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("migrated away in job `job-first`"), "{err}");
+    assert_eq!(src.devices[0].state().unwrap(), State::Stop);
+    assert_eq!(dst.devices[0].state().unwrap(), State::Running);
+
+    // A VM paused on purpose (devices in STOP) is not migrated, and not restarted.
+    let (src, dst) = pair(&[("sim-gpu", "STOP_COPY|P2P", 4096)], "", "").await;
+    src.devices[0].set_state(State::Stop).unwrap();
+    src.define_group("vm", &src.devices);
+    dst.daemon.prepare_incoming("job-paused", vec!["dst-sim-gpu".into()]).await.unwrap();
+    let err = src
+        .daemon
+        .start_migration(MigrationRequest {
+            job_id: "job-paused".into(),
+            group: "vm".into(),
+            peer: src_peer_of(&dst),
+            mapping: vec![("src-sim-gpu".into(), "dst-sim-gpu".into())],
+            phase_timeout_ms: 2_000,
+            data_connections: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("`src-sim-gpu` is in STOP"), "{err}");
+    assert_eq!(src.devices[0].state().unwrap(), State::Stop);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn case2_a_commit_left_on_disk_by_a_failed_journal_write_holds_the_devices() {
+    let (src, dst) =
+        pair(&[("sim-nic", "STOP_COPY|P2P", 1 << 20), ("sim-acc", "STOP_COPY", 8192)], "", "").await;
+    src.daemon.journal.fail_next_directory_sync();
+    start(&src, &dst, "job-sync", 20_000).await;
+    let s = wait_finished(&src.daemon, "job-sync").await;
+    assert_eq!(s.status, JobStatus::InDoubt, "{:?}", s.error);
+    assert_eq!(src.daemon.journal.read("job-sync").unwrap(), Some(Decision::Commit));
+    for dev in &src.devices {
+        assert_ne!(dev.state().unwrap(), State::Running, "{} resumed with a commit on disk", dev.name());
+    }
+    for dev in &dst.devices {
+        assert_eq!(dev.state().unwrap(), State::Stop, "{} must hold its loaded state", dev.name());
+    }
+    // The operator's resolve writes the commit durably and delivers it.
+    let job = src.daemon.resolve("job-sync", None).await.unwrap();
+    assert_eq!(job.snapshot().status, JobStatus::Succeeded);
+    assert_moved(&src, &dst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn case3_a_query_before_the_decision_is_a_durable_abort_and_strangers_learn_nothing() {
+    let (src, dst) = pair(&[("sim-nic", "STOP_COPY|P2P", 8 << 20)], "", "").await;
+    // A job nobody knows is `unknown`, which a destination holds on, not `abort`.
+    let unknown = src.daemon.query_job("job-never", &from([127, 0, 0, 1])).await.unwrap();
+    assert_eq!(unknown.decision_value(), pb::JobDecision::Unknown);
+    assert_eq!(unknown.decision, "");
+    start(&src, &dst, "job-early", 20_000).await;
+    // Not the job's destination: refused, and nothing journaled.
+    let err = src.daemon.query_job("job-early", &from([127, 0, 0, 2])).await.unwrap_err();
+    assert!(matches!(err, EngineError::PermissionDenied(_)), "{err}");
+    assert_eq!(src.daemon.journal.read("job-early").unwrap(), None);
+    // The job's destination asks before the decision: abort, journaled before the answer.
+    let answer = src.daemon.query_job("job-early", &from([127, 0, 0, 1])).await.unwrap();
+    assert_eq!(answer.decision_value(), pb::JobDecision::Abort);
+    assert_eq!(answer.decision, "abort");
+    assert_eq!(src.daemon.journal.read("job-early").unwrap(), Some(Decision::Abort));
+    let s = wait_finished(&src.daemon, "job-early").await;
+    assert_eq!(s.status, JobStatus::RolledBack, "{:?}", s.error);
+    assert_eq!(src.devices[0].state().unwrap(), State::Running);
+    let d = wait_finished(&dst.daemon, "job-early").await;
+    assert_ne!(d.status, JobStatus::Succeeded);
+    assert_eq!(dst.devices[0].loaded_state(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn case4_after_loaded_a_stranger_can_neither_commit_nor_abort() {
+    let (src, dst) = pair(&[("sim-nic", "STOP_COPY|P2P", 1 << 20)], "", "").await;
+    // The journal fault holds the job between "loaded" and the delivered commit.
+    src.daemon.journal.fail_next_directory_sync();
+    start(&src, &dst, "job-held", 20_000).await;
+    assert_eq!(wait_finished(&src.daemon, "job-held").await.status, JobStatus::InDoubt);
+    let stranger = from([127, 0, 0, 2]);
+    let err = dst.daemon.commit_incoming("job-held", Some(&stranger)).await.unwrap_err();
+    assert!(matches!(err, EngineError::PermissionDenied(_)), "{err}");
+    let err =
+        dst.daemon.abort_incoming("job-held", "a stranger says abort", Some(&stranger)).await.unwrap_err();
+    assert!(matches!(err, EngineError::PermissionDenied(_)), "{err}");
+    assert_eq!(dst.devices[0].state().unwrap(), State::Stop, "the loaded state is held");
+    src.daemon.resolve("job-held", None).await.unwrap();
+    assert_moved(&src, &dst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn case6_a_timed_out_barrier_is_joined_before_the_rollback() {
+    let (src, dst) =
+        pair(&[("sim-nic", "STOP_COPY|P2P", 1 << 20), ("sim-gpu", "STOP_COPY|P2P", 1 << 20)], "", "").await;
+    src.devices[1]
+        .inject(Fault::stall(FaultOp::SetState, Duration::from_millis(1500)).in_state(State::StopCopy));
+    start(&src, &dst, "job-slow", 500).await;
+    let s = wait_finished(&src.daemon, "job-slow").await;
+    assert_eq!(s.status, JobStatus::RolledBack, "{:?}", s.error);
+    // Had the stalled SET been left running, it would land now, after "rolled back".
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    for dev in &src.devices {
+        assert_eq!(dev.state().unwrap(), State::Running, "{} moved after the rollback", dev.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn case9_a_commit_the_destination_did_not_confirm_is_never_reported_failed() {
+    let (src, dst) = pair(&[("sim-nic", "STOP_COPY|P2P", 1 << 20)], "", "").await;
+    // The destination obeys Commit but a device fails to resume: the answer is an error.
+    dst.devices[0].inject(Fault::errno(FaultOp::SetState, Errno::EIO).in_state(State::Running));
+    start(&src, &dst, "job-unconfirmed", 20_000).await;
+    let s = wait_finished(&src.daemon, "job-unconfirmed").await;
+    assert_eq!(src.daemon.journal.read("job-unconfirmed").unwrap(), Some(Decision::Commit));
+    assert_eq!(s.status, JobStatus::InDoubt, "a journaled commit is never `failed`: {:?}", s.error);
+    assert_ne!(src.devices[0].state().unwrap(), State::Running);
 }

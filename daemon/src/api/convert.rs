@@ -23,6 +23,7 @@ impl From<EngineError> for Status {
             EngineError::InvalidArgument(_) => Code::InvalidArgument,
             EngineError::FailedPrecondition(_) => Code::FailedPrecondition,
             EngineError::Unavailable(_) => Code::Unavailable,
+            EngineError::PermissionDenied(_) => Code::PermissionDenied,
             EngineError::Aborted(_) => Code::Aborted,
             EngineError::Internal(_) => Code::Internal,
         };

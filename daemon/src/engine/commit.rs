@@ -43,6 +43,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The source's durable decision for a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,7 +54,7 @@ pub enum Decision {
 }
 
 impl Decision {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Decision::Commit => "commit",
             Decision::Abort => "abort",
@@ -80,13 +82,17 @@ pub enum JournalError {
 #[derive(Clone, Debug)]
 pub struct Journal {
     dir: PathBuf,
+    /// Fault injection (tests): how many of the next directory syncs fail after the
+    /// rename put a record in place — the failure that leaves a record on disk while
+    /// `record` reports an error.
+    failing_directory_syncs: Arc<AtomicU32>,
 }
 
 impl Journal {
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let dir = state_dir.join("journal");
         fs::create_dir_all(&dir).map_err(|source| JournalError::Io { path: dir.clone(), source })?;
-        Ok(Journal { dir })
+        Ok(Journal { dir, failing_directory_syncs: Arc::default() })
     }
 
     pub fn path_of(&self, job_id: &str) -> Result<PathBuf, JournalError> {
@@ -122,8 +128,21 @@ impl Journal {
         drop(file);
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         // The rename is durable only once the directory entry is.
+        let injected = self
+            .failing_directory_syncs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if injected {
+            return Err(io_err(&self.dir)(io::Error::from_raw_os_error(nix::libc::EIO)));
+        }
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))?;
         Ok(())
+    }
+
+    /// Fault injection for tests: the next directory sync fails with EIO after the
+    /// record was renamed into place (as a failing disk does).
+    pub fn fail_next_directory_sync(&self) {
+        self.failing_directory_syncs.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn read(&self, job_id: &str) -> Result<Option<Decision>, JournalError> {

@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::protocol::Answer;
 use super::{Daemon, Decision, EngineError, transition_all};
 use crate::device::{DeviceIdentity, MigrationDevice};
 use crate::fsm::{Caps, State};
 use crate::job::{Job, JobStatus, Phase, Role};
+use crate::peer_identity::PeerIdentity;
 use crate::registry::Claim;
 use crate::stream::{Preamble, Progress, StreamOptions, StreamReceiver};
 
@@ -74,6 +76,9 @@ pub(crate) struct IncomingJob {
     /// Serialises handshake / commit / abort / resolve.
     step: tokio::sync::Mutex<()>,
     source_peer: Mutex<String>,
+    /// The address the handshake came from: after it, only that peer is the job's source
+    /// (rule D5; the security issue adds the certificate's names).
+    source_addr: Mutex<Option<std::net::IpAddr>>,
     /// What the receive found wrong, set as soon as it failed: an Abort the source sends
     /// because its connections broke may come before the failure is handled, and must
     /// not bury the cause.
@@ -91,6 +96,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl IncomingJob {
+    /// Rule D5: Commit and Abort come from the job's source only (`None`: the operator's
+    /// own ResolveJob on this daemon). Before the handshake no source is known and the
+    /// request is refused too.
+    fn authenticate(
+        &self,
+        job_id: &str,
+        what: &str,
+        caller: Option<&PeerIdentity>,
+    ) -> Result<(), EngineError> {
+        let Some(caller) = caller else { return Ok(()) };
+        let source = *lock(&self.source_addr);
+        let from = caller.addr.map(|a| a.ip());
+        if source.is_some() && from == source {
+            return Ok(());
+        }
+        Err(EngineError::PermissionDenied(format!(
+            "{what} for job `{job_id}` refused: it comes from {}, not from the job's source ({})",
+            from.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string()),
+            source.map_or_else(|| "none yet: no handshake".to_string(), |ip| ip.to_string()),
+        )))
+    }
+
     fn devices(&self) -> Vec<(u32, Arc<dyn MigrationDevice>)> {
         lock(&self.devices).clone()
     }
@@ -177,6 +204,7 @@ impl Daemon {
             outcome: watch::channel(LoadOutcome::Pending).0,
             step: tokio::sync::Mutex::new(()),
             source_peer: Mutex::default(),
+            source_addr: Mutex::default(),
             receive_failure: Mutex::default(),
         });
         lock(&self.incoming).insert(job_id.to_string(), incoming);
@@ -208,6 +236,7 @@ impl Daemon {
         self: &Arc<Self>,
         offer: Offer,
         listen_ip: std::net::IpAddr,
+        caller: &PeerIdentity,
     ) -> Result<Accepted, EngineError> {
         if offer.protocol_version != PROTOCOL_VERSION {
             return Err(EngineError::FailedPrecondition(format!(
@@ -277,7 +306,8 @@ impl Daemon {
                 }
             }
         });
-        *lock(&incoming.source_peer) = offer.source_peer.clone();
+        *lock(&incoming.source_peer) = reachable_source(&offer.source_peer, caller);
+        *lock(&incoming.source_addr) = caller.addr.map(|a| a.ip());
         *lock(&incoming.devices) = devices.clone();
 
         // Open the data listener before touching devices: nothing to undo if it fails.
@@ -476,8 +506,13 @@ impl Daemon {
 
     /// Peer Commit (rule D2/D3): resume every device — P2P devices to RUNNING_P2P first
     /// (barrier), then all to RUNNING. Idempotent once succeeded.
-    pub async fn commit_incoming(self: &Arc<Self>, job_id: &str) -> Result<u64, EngineError> {
+    pub async fn commit_incoming(
+        self: &Arc<Self>,
+        job_id: &str,
+        caller: Option<&PeerIdentity>,
+    ) -> Result<u64, EngineError> {
         let incoming = self.incoming_job(job_id)?;
+        incoming.authenticate(job_id, "Commit", caller)?;
         let _step = incoming.step.lock().await;
         let job = incoming.job.clone();
         let snap = job.snapshot();
@@ -532,8 +567,10 @@ impl Daemon {
         self: &Arc<Self>,
         job_id: &str,
         reason: &str,
+        caller: Option<&PeerIdentity>,
     ) -> Result<Option<String>, EngineError> {
         let incoming = self.incoming_job(job_id)?;
+        incoming.authenticate(job_id, "Abort", caller)?;
         let _step = incoming.step.lock().await;
         let snap = incoming.job.snapshot();
         match snap.status {
@@ -613,20 +650,41 @@ impl Daemon {
                     Some(d) => d,
                     None => {
                         let source = lock(&incoming.source_peer).clone();
-                        super::source::query_decision(&source, job_id).await?
+                        match super::source::query_decision(&source, job_id).await? {
+                            Answer::Commit => Decision::Commit,
+                            Answer::Abort => Decision::Abort,
+                            // Rule D3: the source does not know the job: hold, never reset.
+                            Answer::Unknown => {
+                                return Err(EngineError::FailedPrecondition(format!(
+                                    "job `{job_id}`: the source `{source}` does not know this job; the devices stay held (resolve with an explicit decision only if you know the source's outcome)"
+                                )));
+                            }
+                        }
                     }
                 };
                 match decision {
                     Decision::Commit => {
-                        self.commit_incoming(job_id).await?;
+                        self.commit_incoming(job_id, None).await?;
                     }
                     Decision::Abort => {
-                        self.abort_incoming(job_id, "resolved: the source did not commit").await?;
+                        self.abort_incoming(job_id, "resolved: the source did not commit", None).await?;
                     }
                 }
                 Ok(job)
             }
         }
+    }
+}
+
+/// Where to ask the source about a job: the address it announced, except that an
+/// unspecified announced IP (a source listening on 0.0.0.0 or [::]) is replaced by the
+/// IP its handshake came from, with the announced port.
+fn reachable_source(announced: &str, caller: &PeerIdentity) -> String {
+    match (announced.parse::<SocketAddr>(), caller.addr) {
+        (Ok(addr), Some(from)) if addr.ip().is_unspecified() => {
+            SocketAddr::new(from.ip(), addr.port()).to_string()
+        }
+        _ => announced.to_string(),
     }
 }
 

@@ -45,6 +45,9 @@ pub enum EngineError {
     FailedPrecondition(String),
     #[error("peer unavailable: {0}")]
     Unavailable(String),
+    /// The caller is not the peer this job answers to.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The migration failed and was rolled back.
     #[error("{0}")]
     Aborted(String),
@@ -58,9 +61,10 @@ impl From<RegistryError> for EngineError {
             RegistryError::UnknownDevice(_) | RegistryError::UnknownGroup(_) => {
                 EngineError::NotFound(e.to_string())
             }
-            RegistryError::Busy { .. } | RegistryError::InGroup { .. } | RegistryError::Tracked(_) => {
-                EngineError::FailedPrecondition(e.to_string())
-            }
+            RegistryError::Busy { .. }
+            | RegistryError::InGroup { .. }
+            | RegistryError::Tracked(_)
+            | RegistryError::MigratedAway { .. } => EngineError::FailedPrecondition(e.to_string()),
             _ => EngineError::InvalidArgument(e.to_string()),
         }
     }

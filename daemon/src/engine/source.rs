@@ -16,17 +16,15 @@ use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::peer_client::PeerClient;
 
 use super::plan::{self, BarrierKind, GroupPlan};
+use super::protocol::{self, Answer, QueryReply, ReadBack, Sender, SourceAction, SourceEvent, SourceMachine};
 use super::{Daemon, Decision, EngineError, transition_all};
 use crate::device::{DataFd, MigrationDevice};
 use crate::fsm::State;
 use crate::job::{Job, JobStatus, Phase, Role};
+use crate::peer_identity::PeerIdentity;
 use crate::registry::Claim;
 use crate::stream::{Preamble, Progress, StreamOptions, StreamSender, Switchover};
-
-/// The state a rollback returns every device to: the state a migration starts from. (The
-/// commit-protocol half of issue #11 records each device's own state at claim; this is
-/// the one place that then reads it.)
-const ROLLBACK_TARGET: State = State::Running;
+use tokio_util::sync::CancellationToken;
 
 /// What `StartMigration` asks for.
 #[derive(Clone, Debug)]
@@ -49,7 +47,37 @@ pub(crate) struct OutgoingJob {
     pub request: MigrationRequest,
     /// Held while the job runs and while it is in doubt: stopped devices stay reserved.
     claim: Mutex<Option<Claim>>,
+    /// The commit protocol's source half: every decision about the job is its.
+    machine: Mutex<SourceMachine>,
+    /// Ticks whenever the machine moved (a query answered "not yet" waits on it).
+    moved: tokio::sync::watch::Sender<u64>,
+    /// Stops the transfer: a query from the destination decided abort (rule S3).
+    stop: CancellationToken,
+    /// Each device's state when it was claimed (rule S0): what a rollback returns to.
+    recorded: Vec<(String, State)>,
+    /// Where the job's destination is: only it is answered QueryJob.
+    peer_ip: std::net::IpAddr,
 }
+
+impl OutgoingJob {
+    fn feed(&self, event: SourceEvent) -> Vec<SourceAction> {
+        let actions = lock(&self.machine).on(event);
+        self.moved.send_modify(|n| *n += 1);
+        actions
+    }
+
+    fn status(&self) -> JobStatus {
+        lock(&self.machine).status()
+    }
+
+    fn device_names(&self) -> Vec<String> {
+        self.recorded.iter().map(|(n, _)| n.clone()).collect()
+    }
+}
+
+/// Why a transfer stopped when the destination asked for the outcome first.
+const PRESUMED_ABORT: &str =
+    "the destination asked for the job's outcome before any decision; abort was journaled (presumed abort)";
 
 /// A failure that ends the job: the phase it happened in and what went wrong.
 #[derive(Debug)]
@@ -91,9 +119,9 @@ async fn peer_client(peer: &str, timeout: Duration) -> Result<PeerClient<Channel
     Ok(PeerClient::new(channel))
 }
 
-/// Asks a source daemon's journal for its decision on a job (for in-doubt resolution on
-/// the destination). No record means no commit was ever decided.
-pub async fn query_decision(source_peer: &str, job_id: &str) -> Result<Decision, EngineError> {
+/// Asks a source daemon for its decision on a job (for in-doubt resolution on the
+/// destination). `Unknown` means hold: the source does not know the job.
+pub async fn query_decision(source_peer: &str, job_id: &str) -> Result<Answer, EngineError> {
     if source_peer.is_empty() {
         return Err(EngineError::FailedPrecondition(format!(
             "job `{job_id}`: the source's address is unknown; pass the decision explicitly"
@@ -105,7 +133,17 @@ pub async fn query_decision(source_peer: &str, job_id: &str) -> Result<Decision,
         .await
         .map_err(|s| EngineError::Unavailable(format!("source `{source_peer}`: {}", s.message())))?
         .into_inner();
-    Ok(if answer.decision == "commit" { Decision::Commit } else { Decision::Abort })
+    Ok(match pb::JobDecision::try_from(answer.decision_value) {
+        Ok(pb::JobDecision::Commit) => Answer::Commit,
+        Ok(pb::JobDecision::Abort) => Answer::Abort,
+        Ok(pb::JobDecision::Unknown) => Answer::Unknown,
+        // An older source: only its text; no text is no answer, never an abort.
+        _ => match answer.decision.as_str() {
+            "commit" => Answer::Commit,
+            "abort" => Answer::Abort,
+            _ => Answer::Unknown,
+        },
+    })
 }
 
 impl Daemon {
@@ -155,6 +193,16 @@ impl Daemon {
         let peer_addr = super::destination::resolve_peer(&req.peer)?;
         let plan = self.plan(&req.group)?;
         let claim = self.registry.claim(&req.job_id, &group.devices)?;
+        // Rule S0: only devices that run the VM are migrated; their states are recorded.
+        let mut recorded = Vec::with_capacity(claim.devices.len());
+        for (name, entry) in &claim.devices {
+            let state = super::blocking(&entry.device, |d| d.state())
+                .await
+                .map_err(|e| EngineError::FailedPrecondition(e.to_string()))?;
+            protocol::check_claim(name, state, self.registry.migrated_away(name).as_deref())
+                .map_err(|e| EngineError::FailedPrecondition(e.to_string()))?;
+            recorded.push((name.clone(), state));
+        }
         let job = Job::new(&req.job_id, Role::Source, &req.group, &req.peer, ordered_mapping.clone());
         job.update(|s| s.plan = plan.to_string());
         for d in &plan.devices {
@@ -164,8 +212,16 @@ impl Daemon {
         }
         let (job, _) = self.jobs.insert_or_get(job);
         let devices: Vec<_> = claim.devices.iter().map(|(n, e)| (n.clone(), e.device.clone())).collect();
-        let outgoing =
-            Arc::new(OutgoingJob { job: job.clone(), request: req.clone(), claim: Mutex::new(Some(claim)) });
+        let outgoing = Arc::new(OutgoingJob {
+            job: job.clone(),
+            request: req.clone(),
+            claim: Mutex::new(Some(claim)),
+            machine: Mutex::new(SourceMachine::new()),
+            moved: tokio::sync::watch::channel(0).0,
+            stop: CancellationToken::new(),
+            recorded,
+            peer_ip: peer_addr.ip(),
+        });
         lock(&self.outgoing).insert(req.job_id.clone(), outgoing.clone());
         tracing::info!(job = %req.job_id, group = %req.group, peer = %req.peer, plan = %plan, "migration planned");
         for step in plan.steps() {
@@ -173,8 +229,9 @@ impl Daemon {
         }
         let daemon = self.clone();
         let job_task = job.clone();
+        let task_outgoing = outgoing.clone();
         tokio::spawn(async move {
-            daemon.run_source(job_task, req, plan, ordered_mapping, peer_addr, devices).await;
+            daemon.run_source(job_task, task_outgoing, req, plan, ordered_mapping, peer_addr, devices).await;
             if outgoing.job.snapshot().status.is_finished() {
                 lock(&outgoing.claim).take();
             }
@@ -185,6 +242,7 @@ impl Daemon {
     async fn run_source(
         self: Arc<Self>,
         job: Arc<Job>,
+        outgoing: Arc<OutgoingJob>,
         req: MigrationRequest,
         plan: GroupPlan,
         mapping: Vec<(String, String)>,
@@ -218,6 +276,7 @@ impl Daemon {
             sender: None,
             downtime_start: None,
             progress: Arc::new(Progress::new(devices.len())),
+            outgoing: outgoing.clone(),
         };
         let outcome = run.migrate(&mut devices, &plan, peer_addr).await;
         match outcome {
@@ -231,79 +290,191 @@ impl Daemon {
         }
     }
 
-    /// ResolveJob on the source: the journal decides. A recorded commit is re-sent.
+    /// Records a decision; on failure reads the journal back (rule S4) and says what it found.
+    fn journal_event(&self, job_id: &str, decision: Decision) -> (SourceEvent, Option<String>) {
+        match self.journal.record(job_id, decision) {
+            Ok(()) => (SourceEvent::Journaled(decision), None),
+            Err(error) => {
+                let read_back = match self.journal.read(job_id) {
+                    Ok(Some(Decision::Commit)) => ReadBack::Commit,
+                    Ok(Some(Decision::Abort)) => ReadBack::Abort,
+                    Ok(None) => ReadBack::Nothing,
+                    Err(_) => ReadBack::Unreadable,
+                };
+                tracing::error!(job = %job_id, error = %error, ?read_back, "journal write failed");
+                (SourceEvent::JournalFailed { wrote: decision, read_back }, Some(error.to_string()))
+            }
+        }
+    }
+
+    /// ResolveJob on the source: the machine decides from the journal; a commit is
+    /// (re)written durably and re-sent.
     pub(crate) async fn resolve_outgoing(self: &Arc<Self>, job_id: &str) -> Result<Arc<Job>, EngineError> {
         let job = self.job(job_id)?;
-        let snap = job.snapshot();
-        match self.journal.read(job_id)? {
-            Some(Decision::Commit) => {
-                if snap.status == JobStatus::Succeeded {
-                    return Ok(job);
+        let outgoing = lock(&self.outgoing).get(job_id).cloned().ok_or_else(|| {
+            EngineError::NotFound(format!("job `{job_id}` is not a source job of this daemon"))
+        })?;
+        let status = outgoing.status();
+        if status != JobStatus::InDoubt {
+            return Err(EngineError::FailedPrecondition(format!(
+                "job `{job_id}` is not in doubt ({status:?}, phase {})",
+                job.snapshot().phase
+            )));
+        }
+        let mut queue: std::collections::VecDeque<SourceAction> =
+            outgoing.feed(SourceEvent::ResolveAsked).into();
+        let mut trouble = None;
+        while let Some(action) = queue.pop_front() {
+            let event = match action {
+                SourceAction::Journal(decision) => {
+                    let (event, error) = self.journal_event(job_id, decision);
+                    trouble = error.or(trouble);
+                    Some(event)
                 }
-                let mut client = peer_client(&snap.peer, self.phase_timeout(0)).await?;
-                client.commit(pb::CommitRequest { job_id: job_id.to_string() }).await.map_err(|s| {
-                    EngineError::Unavailable(format!("peer `{}`: commit: {}", snap.peer, s.message()))
-                })?;
-                let started = snap.phases.iter().find(|p| p.phase == Phase::P2pBarrier).map(|p| p.started);
-                job.update(|s| {
-                    if let Some(start) = started {
-                        s.downtime = Some(start.elapsed());
-                    }
-                });
-                // Cleanup, outside downtime: STOP_COPY -> STOP, then the devices are free.
-                let outgoing = lock(&self.outgoing).get(job_id).cloned();
-                let claim = outgoing.and_then(|o| lock(&o.claim).take());
-                if let Some(claim) = claim {
-                    let targets: Vec<_> =
-                        claim.devices.iter().map(|(_, e)| (e.device.clone(), State::Stop)).collect();
-                    for ((device, _), r) in targets.iter().zip(transition_all(&targets).await) {
-                        match r {
-                            Ok(_) => job.set_device_state(device.name(), State::Stop),
-                            Err(e) => {
-                                tracing::warn!(job = %job_id, error = %e, "cleanup after resolution failed")
+                SourceAction::MarkMigratedAway => {
+                    self.registry.mark_migrated_away(&outgoing.device_names(), job_id);
+                    None
+                }
+                SourceAction::SendCommit => {
+                    let peer = outgoing.request.peer.clone();
+                    let sent = async {
+                        let mut client = peer_client(&peer, self.phase_timeout(0)).await?;
+                        client.commit(pb::CommitRequest { job_id: job_id.to_string() }).await.map_err(|s| {
+                            EngineError::Unavailable(format!("peer `{peer}`: commit: {}", s.message()))
+                        })
+                    };
+                    Some(match sent.await {
+                        Ok(_) => SourceEvent::CommitAcked,
+                        Err(e) => {
+                            trouble = Some(e.to_string());
+                            SourceEvent::CommitUnconfirmed
+                        }
+                    })
+                }
+                SourceAction::Cleanup => {
+                    let started = job
+                        .snapshot()
+                        .phases
+                        .iter()
+                        .find(|p| p.phase == Phase::P2pBarrier)
+                        .map(|p| p.started);
+                    job.update(|s| s.downtime = started.map(|t| t.elapsed()));
+                    // Cleanup, outside downtime: STOP_COPY -> STOP, then the devices are free.
+                    let claim = lock(&outgoing.claim).take();
+                    if let Some(claim) = claim {
+                        let targets: Vec<_> =
+                            claim.devices.iter().map(|(_, e)| (e.device.clone(), State::Stop)).collect();
+                        for ((device, _), r) in targets.iter().zip(transition_all(&targets).await) {
+                            match r {
+                                Ok(_) => job.set_device_state(device.name(), State::Stop),
+                                Err(e) => {
+                                    tracing::warn!(job = %job_id, error = %e, "cleanup after resolution failed")
+                                }
                             }
                         }
                     }
+                    None
                 }
+                _ => None,
+            };
+            if let Some(event) = event {
+                queue.extend(outgoing.feed(event));
+            }
+        }
+        match outgoing.status() {
+            JobStatus::Succeeded => {
                 job.finish(JobStatus::Succeeded, None);
                 self.jobs.retire(job_id);
                 Ok(job)
             }
-            Some(Decision::Abort) | None if snap.status == JobStatus::InDoubt => {
-                Err(EngineError::Internal(format!(
-                    "job `{job_id}` is in doubt but the journal holds no commit; this cannot happen (report a bug)"
-                )))
-            }
-            _ => Err(EngineError::FailedPrecondition(format!(
-                "job `{job_id}` is not in doubt ({:?}, phase {})",
-                snap.status, snap.phase
+            _ => Err(EngineError::Unavailable(format!(
+                "job `{job_id}` is still in doubt: {}",
+                trouble.unwrap_or_else(|| "the destination did not confirm the commit".into())
             ))),
         }
     }
 
-    /// Peer QueryJob: this daemon's view of a job, including its journaled decision.
-    pub fn query_job(&self, job_id: &str) -> Result<pb::QueryJobResponse, EngineError> {
-        let decision = match self.journal.read(job_id)? {
-            Some(Decision::Commit) => "commit",
-            Some(Decision::Abort) => "abort",
-            None => "",
+    /// Peer QueryJob, answered only to the job's own destination (rule S3): an undecided
+    /// job is decided "abort" durably before the answer, and never committed after it; a
+    /// job this daemon does not know is `unknown`. Anyone else is refused and nothing is
+    /// journaled.
+    pub async fn query_job(
+        &self,
+        job_id: &str,
+        caller: &PeerIdentity,
+    ) -> Result<pb::QueryJobResponse, EngineError> {
+        self.journal.path_of(job_id)?;
+        let outgoing = lock(&self.outgoing).get(job_id).cloned();
+        let Some(outgoing) = outgoing else {
+            let answer = match self.journal.read(job_id)? {
+                Some(Decision::Commit) => Answer::Commit,
+                Some(Decision::Abort) => Answer::Abort,
+                None => Answer::Unknown,
+            };
+            return Ok(query_response(answer, None));
         };
-        Ok(match self.jobs.get(job_id) {
-            Ok(job) => {
-                let s = job.snapshot();
-                pb::QueryJobResponse {
-                    known: true,
-                    phase: s.phase.to_string(),
-                    error: s.error.unwrap_or_default(),
-                    decision: decision.into(),
+        let from = if caller.addr.map(|a| a.ip()) == Some(outgoing.peer_ip) {
+            Sender::JobPeer
+        } else {
+            Sender::Stranger
+        };
+        let mut moved = outgoing.moved.subscribe();
+        let deadline = tokio::time::Instant::now() + self.phase_timeout(0);
+        loop {
+            moved.mark_unchanged();
+            let mut queue: std::collections::VecDeque<SourceAction> =
+                outgoing.feed(SourceEvent::QueryAsked { from }).into();
+            let mut reply = None;
+            while let Some(action) = queue.pop_front() {
+                match action {
+                    SourceAction::Journal(decision) => {
+                        let (event, _) = self.journal_event(job_id, decision);
+                        queue.extend(outgoing.feed(event));
+                    }
+                    SourceAction::StopTransfer => outgoing.stop.cancel(),
+                    SourceAction::Reply(r) => reply = Some(r),
+                    // The job's own task rolls back once its transfer stopped.
+                    _ => {}
                 }
             }
-            Err(_) => pb::QueryJobResponse {
-                known: !decision.is_empty(),
-                decision: decision.into(),
-                ..Default::default()
-            },
-        })
+            match reply {
+                Some(QueryReply::Answer(answer)) => return Ok(query_response(answer, Some(&outgoing.job))),
+                Some(QueryReply::PermissionDenied) => {
+                    return Err(EngineError::PermissionDenied(format!(
+                        "job `{job_id}` answers only its destination ({}); {} is not it",
+                        outgoing.peer_ip,
+                        caller.addr.map_or_else(|| "an unknown address".to_string(), |a| a.to_string())
+                    )));
+                }
+                Some(QueryReply::Unavailable) => {
+                    return Err(EngineError::Unavailable(format!(
+                        "job `{job_id}`: the journal cannot give a durable answer yet"
+                    )));
+                }
+                Some(QueryReply::NotYet) | None => {
+                    if tokio::time::timeout_at(deadline, moved.changed()).await.is_err() {
+                        return Err(EngineError::Unavailable(format!("job `{job_id}`: no decision yet")));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The QueryJob answer, in the enum and in the text older peers read.
+fn query_response(answer: Answer, job: Option<&Arc<Job>>) -> pb::QueryJobResponse {
+    let (value, text) = match answer {
+        Answer::Commit => (pb::JobDecision::Commit, "commit"),
+        Answer::Abort => (pb::JobDecision::Abort, "abort"),
+        Answer::Unknown => (pb::JobDecision::Unknown, ""),
+    };
+    let snapshot = job.map(|j| j.snapshot());
+    pb::QueryJobResponse {
+        known: answer != Answer::Unknown,
+        phase: snapshot.as_ref().map(|s| s.phase.to_string()).unwrap_or_default(),
+        error: snapshot.and_then(|s| s.error).unwrap_or_default(),
+        decision: text.into(),
+        decision_value: value.into(),
     }
 }
 
@@ -316,6 +487,7 @@ struct SourceRun {
     sender: Option<StreamSender>,
     downtime_start: Option<Instant>,
     progress: Arc<Progress>,
+    outgoing: Arc<OutgoingJob>,
 }
 
 impl SourceRun {
@@ -328,6 +500,7 @@ impl SourceRun {
         tokio::select! {
             biased;
             _ = self.job.cancel.cancelled() => Err(Failure { phase, message: "cancelled by the control API".into(), cancelled: true }),
+            _ = self.outgoing.stop.cancelled() => Err(Failure::new(phase, PRESUMED_ABORT)),
             r = tokio::time::timeout(self.timeout, fut) => match r {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(message)) => Err(Failure::new(phase, message)),
@@ -353,7 +526,18 @@ impl SourceRun {
         }
         let targets: Vec<_> =
             chosen.iter().map(|&i| (devices[i].device.clone(), pick(&devices[i]).expect("chosen"))).collect();
-        let results = self.guard(phase, async { Ok(transition_all(&targets).await) }).await?;
+        // The transitions run on their own task: a timeout or cancel must not leave a SET
+        // running behind the rollback (rule S6). The barrier is joined before it fails.
+        let moving = targets.clone();
+        let mut transitions = tokio::spawn(async move { transition_all(&moving).await });
+        let results = match self.guard(phase, async { Ok((&mut transitions).await) }).await {
+            Ok(joined) => joined,
+            Err(failure) => {
+                let _settled = transitions.await;
+                return Err(failure);
+            }
+        };
+        let results = results.map_err(|e| Failure::new(phase, format!("the transition task failed: {e}")))?;
         let mut first_error = None;
         for ((&i, (_, target)), result) in chosen.iter().zip(&targets).zip(results) {
             match result {
@@ -585,7 +769,8 @@ impl SourceRun {
             }
         });
 
-        // Commit point: durable record first (rule S2), then tell the destination.
+        // The decision is the machine's (engine/protocol): the durable record first (rule
+        // S2), then Commit. Nothing but the commit decision runs inside the downtime here.
         if self.job.cancel.is_cancelled() {
             return Err(Failure {
                 phase: Phase::AwaitLoaded,
@@ -594,55 +779,83 @@ impl SourceRun {
             });
         }
         self.job.enter_phase(Phase::Commit);
-        if let Err(e) = self.daemon.journal.record(&job_id, Decision::Commit) {
-            return Err(Failure::new(Phase::Commit, format!("cannot journal the commit decision: {e}")));
-        }
-        tracing::info!(job = %job_id, "commit recorded");
-        let mut peer = self.peer();
-        let committed =
-            tokio::time::timeout(self.timeout, peer.commit(pb::CommitRequest { job_id: job_id.clone() }))
-                .await;
-        match committed {
-            Ok(Ok(_)) => {}
-            Ok(Err(status))
-                if status.code() != tonic::Code::Unavailable && status.code() != tonic::Code::Unknown =>
-            {
-                // The destination answered but failed to resume: rule D3, the source stays stopped.
-                self.job.update(|s| s.downtime = self.downtime_start.map(|t| t.elapsed()));
-                self.job.finish(
-                    JobStatus::Failed,
-                    Some(format!("phase commit: destination could not resume: {}", status.message())),
-                );
-                return Ok(());
+        let mut queue: std::collections::VecDeque<SourceAction> =
+            self.outgoing.feed(SourceEvent::Loaded).into();
+        let mut trouble: Option<String> = None;
+        while let Some(action) = queue.pop_front() {
+            let event = match action {
+                SourceAction::Journal(decision) => {
+                    let (event, error) = self.daemon.journal_event(&job_id, decision);
+                    if let Some(error) = error {
+                        trouble = Some(format!("cannot journal the {} decision: {error}", decision.as_str()));
+                    } else if decision == Decision::Commit {
+                        tracing::info!(job = %job_id, "commit recorded");
+                    }
+                    Some(event)
+                }
+                SourceAction::MarkMigratedAway => {
+                    self.daemon.registry.mark_migrated_away(&self.outgoing.device_names(), &job_id);
+                    None
+                }
+                SourceAction::SendCommit => {
+                    let mut peer = self.peer();
+                    let answer = tokio::time::timeout(
+                        self.timeout,
+                        peer.commit(pb::CommitRequest { job_id: job_id.clone() }),
+                    )
+                    .await;
+                    Some(match answer {
+                        Ok(Ok(_)) => SourceEvent::CommitAcked,
+                        Ok(Err(status)) => {
+                            trouble =
+                                Some(format!("the destination answered Commit with: {}", status.message()));
+                            SourceEvent::CommitUnconfirmed
+                        }
+                        Err(_) => {
+                            trouble = Some(format!("no answer to Commit within {:?}", self.timeout));
+                            SourceEvent::CommitUnconfirmed
+                        }
+                    })
+                }
+                SourceAction::Cleanup => {
+                    let downtime = self.downtime_start.map(|t| t.elapsed());
+                    self.job.update(|s| s.downtime = downtime);
+                    tracing::info!(job = %job_id, downtime_ms = downtime.map(|d| d.as_secs_f64() * 1e3), "destination running");
+                    // Cleanup, outside downtime: STOP_COPY -> STOP.
+                    self.job.enter_phase(Phase::Cleanup);
+                    for d in devices.iter_mut() {
+                        d.fd = None;
+                    }
+                    if let Err(f) = self.barrier(Phase::Cleanup, devices, |_| Some(State::Stop)).await {
+                        tracing::warn!(job = %job_id, error = %f.message, "cleanup after commit failed; the destination runs");
+                    }
+                    None
+                }
+                // Abort decided here (the commit write left nothing on disk): the rollback
+                // path sends it and returns the devices.
+                SourceAction::SendAbort | SourceAction::Rollback => {
+                    return Err(Failure::new(
+                        Phase::Commit,
+                        trouble.take().unwrap_or_else(|| PRESUMED_ABORT.to_string()),
+                    ));
+                }
+                SourceAction::StopTransfer | SourceAction::Reply(_) | SourceAction::RefuseCancel => None,
+            };
+            if let Some(event) = event {
+                queue.extend(self.outgoing.feed(event));
             }
-            other => {
-                let why = match other {
-                    Ok(Err(status)) => status.message().to_string(),
-                    _ => format!("no answer within {:?}", self.timeout),
-                };
-                // Rule S3: committed but not delivered. Devices stay stopped; never resume.
+        }
+        match self.outgoing.status() {
+            JobStatus::Succeeded => self.job.finish(JobStatus::Succeeded, None),
+            status => {
+                // Rules S4/S7: a commit is or may be on disk: never resumed, never "failed".
+                let why = trouble.unwrap_or_else(|| "the commit was not confirmed".into());
                 self.job.finish(
-                    JobStatus::InDoubt,
-                    Some(format!(
-                        "phase commit: commit recorded but not delivered ({why}); resolve with ResolveJob"
-                    )),
+                    status,
+                    Some(format!("phase commit: {why}; the devices stay stopped; resolve with ResolveJob")),
                 );
-                return Ok(());
             }
         }
-        let downtime = self.downtime_start.map(|t| t.elapsed());
-        self.job.update(|s| s.downtime = downtime);
-        tracing::info!(job = %job_id, downtime_ms = downtime.map(|d| d.as_secs_f64() * 1e3), "destination running");
-
-        // Cleanup, outside downtime: STOP_COPY -> STOP.
-        self.job.enter_phase(Phase::Cleanup);
-        for d in devices.iter_mut() {
-            d.fd = None;
-        }
-        if let Err(f) = self.barrier(Phase::Cleanup, devices, |_| Some(State::Stop)).await {
-            tracing::warn!(job = %job_id, error = %f.message, "cleanup after commit failed; the destination runs");
-        }
-        self.job.finish(JobStatus::Succeeded, None);
         Ok(())
     }
 
@@ -690,8 +903,32 @@ impl SourceRun {
         if let Some(sender) = self.sender.take() {
             sender.abort();
         }
-        if let Err(e) = self.daemon.journal.record(&job_id, Decision::Abort) {
-            tracing::warn!(job = %job_id, error = %e, "cannot journal the abort decision (no commit was recorded, so resuming is safe)");
+        // The machine decides whether the devices may resume (rules S1, S4).
+        let mut queue: std::collections::VecDeque<SourceAction> =
+            self.outgoing.feed(SourceEvent::TransferFailed { cancelled: failure.cancelled }).into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                SourceAction::Journal(decision) => {
+                    let (event, error) = self.daemon.journal_event(&job_id, decision);
+                    if let Some(e) = error {
+                        tracing::warn!(job = %job_id, error = %e, "cannot journal the {} decision", decision.as_str());
+                    }
+                    queue.extend(self.outgoing.feed(event));
+                }
+                SourceAction::MarkMigratedAway => {
+                    self.daemon.registry.mark_migrated_away(&self.outgoing.device_names(), &job_id);
+                }
+                _ => {}
+            }
+        }
+        if !lock(&self.outgoing.machine).rolling_back() {
+            // A commit is or may be on disk: the devices stay stopped (rule S4).
+            let status = self.outgoing.status();
+            self.job.finish(
+                status,
+                Some(format!("{message}; a commit may be recorded, so the devices stay stopped; resolve with ResolveJob")),
+            );
+            return;
         }
         if let Some(mut peer) = self.peer.clone() {
             let abort = peer.abort(pb::AbortRequest { job_id: job_id.clone(), reason: message.clone() });
@@ -731,7 +968,16 @@ impl SourceRun {
                 Err(e) => errors.push(format!("phase rollback: {e}")),
             }
         }
-        let recorded = vec![ROLLBACK_TARGET; members.len()];
+        let recorded: Vec<State> = planned
+            .iter()
+            .map(|device| {
+                self.outgoing
+                    .recorded
+                    .iter()
+                    .find(|(name, _)| name == device.name())
+                    .map_or(State::Running, |(_, state)| *state)
+            })
+            .collect();
         let steps = plan::rollback(&members, &recorded).unwrap_or_else(|e| {
             errors.push(format!("phase rollback: {e}"));
             Vec::new()
@@ -773,13 +1019,8 @@ impl SourceRun {
                 plan::Step::Hold(_) | plan::Step::FinalDirtySync => {}
             }
         }
-        let status = if !errors.is_empty() {
-            JobStatus::Failed
-        } else if failure.cancelled {
-            JobStatus::Cancelled
-        } else {
-            JobStatus::RolledBack
-        };
+        self.outgoing.feed(SourceEvent::RolledBack { ok: errors.is_empty() });
+        let status = self.outgoing.status();
         let full =
             if errors.is_empty() { message } else { format!("{message}; rollback: {}", errors.join("; ")) };
         self.job.finish(status, Some(full));

@@ -173,6 +173,11 @@ impl SourceMachine {
         (m, actions)
     }
 
+    /// The devices may be (are being) rolled back: abort decided and no commit possible.
+    pub fn rolling_back(&self) -> bool {
+        self.rollback != Rollback::NotStarted
+    }
+
     /// True once the machine may resume its devices no more: a commit is or may be on disk.
     pub fn commit_possible(&self) -> bool {
         matches!(
