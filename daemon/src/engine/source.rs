@@ -921,7 +921,22 @@ impl SourceRun {
                 _ => {}
             }
         }
-        if !lock(&self.outgoing.machine).rolling_back() {
+        // A journal write another path started (a query's presumed abort) may still be
+        // under way: the machine says when the devices may move.
+        let mut moved = self.outgoing.moved.subscribe();
+        let may_roll_back = loop {
+            let (rolling_back, commit_possible) = {
+                let machine = lock(&self.outgoing.machine);
+                (machine.rolling_back(), machine.commit_possible())
+            };
+            if rolling_back || commit_possible {
+                break rolling_back;
+            }
+            if tokio::time::timeout(self.timeout, moved.changed()).await.is_err() {
+                break false;
+            }
+        };
+        if !may_roll_back {
             // A commit is or may be on disk: the devices stay stopped (rule S4).
             let status = self.outgoing.status();
             self.job.finish(
