@@ -15,30 +15,51 @@
 //!  Drain: frames + END records ─────────▶  verify every frame, write into data_fds
 //!  AwaitLoaded ─────────────────────────▶  verify END records, devices RESUMING → STOP
 //!              ◀───────────────────────── "loaded"   (destination now HOLDS: rule D2)
-//!  journal "commit" (fsync)   ← the decision point (rule S2)
+//!  journal "commit" (fsync)   ← the decision point (rule S2; S4 if the write fails)
+//!              ◀───────────────────────── QueryJob (hold expired): "abort" journaled
+//!                                          first if undecided (S3), else the record
 //!  Commit ──────────────────────────────▶  devices → RUNNING_P2P (barrier) → RUNNING
 //!  Cleanup: STOP_COPY → STOP
 //! ```
 //!
 //! # Rules
-//! - **S1** Before the commit record is durable, any failure (device errno, network,
-//!   peer crash, timeout, cancel) makes the source roll back: it journals "abort", tells
-//!   the destination to abort (best effort), and returns every device to RUNNING along
-//!   legal arcs (all P2P devices to RUNNING_P2P first, then all to RUNNING).
+//! The rules are implemented by the pure machines of [`super::protocol`] (the drivers
+//! only perform their actions) and model-checked there.
+//! - **S0** A device is claimed only while RUNNING, and never once its state migrated away
+//!   (marked in the registry when a commit is or may be on disk; releasing the device
+//!   clears the mark). Each device's state at claim is recorded.
+//! - **S1** Before a commit record exists, any failure (device errno, network, peer crash,
+//!   timeout, cancel) makes the source journal "abort", tell the destination (best effort)
+//!   and return every device to its recorded state along legal arcs.
 //! - **S2** The source journals "commit" (written, fsync'd, renamed, directory fsync'd)
 //!   before it sends Commit. From then on it never resumes its devices.
-//! - **S3** If Commit cannot be delivered (the link died), the source job is *in doubt*:
-//!   its devices stay stopped; `ResolveJob` on the source re-sends Commit.
+//! - **S3** Presumed abort is durable: QueryJob from the job's own destination about an
+//!   undecided job journals "abort" before the answer; the job is never committed after
+//!   it. Anyone else is refused (PermissionDenied) and nothing is journaled. A job the
+//!   source does not know is answered `unknown`.
+//! - **S4** A journal write that fails is read back: if "commit" is there (or the journal
+//!   cannot be read), the job holds in doubt and never resumes; `ResolveJob` writes the
+//!   commit again and delivers it. If nothing is there, the source decides abort (S1).
+//! - **S5** Cancel is refused once a commit is or may be on disk.
+//! - **S6** Every barrier's transitions are joined before a rollback reads a state: a
+//!   timed-out or cancelled barrier never leaves a SET that moves a device afterwards.
+//! - **S7** The job status is the machine's: `succeeded` only when the destination
+//!   confirmed it runs, `rolled back` only when the devices are back in their recorded
+//!   state, `in doubt` whenever a commit is or may be on disk and not confirmed — never
+//!   `failed` after a commit (a control plane would restart the VM on the source).
 //! - **D1** The destination resets every device (power-on state, no migrated state) on any
 //!   failure or Abort before it reported "loaded".
 //! - **D2** After reporting "loaded" the destination never resumes without Commit and
 //!   never resets on its own (the source may already have journaled commit): if the link
-//!   dies it holds, *in doubt*, until Commit, Abort, or `ResolveJob` — which asks the
-//!   source's journal (committed → resume; aborted or no record → reset).
-//! - **D3** A failure after Commit leaves the destination running and the source stopped.
-//!
-//! A source journal without a record for a job means no commit was ever decided: the
-//! source may resume (rule S1), and the destination may reset.
+//!   dies it holds, *in doubt*, until Commit, Abort, or `ResolveJob`.
+//! - **D3** `ResolveJob` without a decision asks the source: commit → resume, abort →
+//!   reset, `unknown` or no answer → hold. A source announced on an unspecified address
+//!   (0.0.0.0) is asked at the IP its handshake came from.
+//! - **D4** A failure after Commit leaves the destination with the VM's state; a device that
+//!   failed to resume makes Commit answer an error, so the source stays in doubt.
+//! - **D5** Commit and Abort come only from the address the job's handshake came from
+//!   (the operator's own `ResolveJob` aside); the machine serialises them, so one that
+//!   arrives after the other was obeyed is refused, whatever the lock order.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

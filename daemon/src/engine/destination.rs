@@ -1,7 +1,7 @@
 //! The destination side of a migration: prepared by the control plane, then driven by the
 //! source through the peer API (handshake, await-loaded, commit or abort).
 //!
-//! Rules D1–D3 of [`super::commit`] are enforced here: every failure before "loaded"
+//! Rules D1–D5 of [`super::commit`] are enforced here: every failure before "loaded"
 //! resets every device; after "loaded" nothing but Commit, Abort or an explicit
 //! resolution moves a device.
 
