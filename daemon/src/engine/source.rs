@@ -228,10 +228,9 @@ impl Daemon {
             tracing::debug!(job = %req.job_id, step = %step, "plan step");
         }
         let daemon = self.clone();
-        let job_task = job.clone();
         let task_outgoing = outgoing.clone();
         tokio::spawn(async move {
-            daemon.run_source(job_task, task_outgoing, req, plan, ordered_mapping, peer_addr, devices).await;
+            daemon.run_source(task_outgoing, req, plan, ordered_mapping, peer_addr, devices).await;
             if outgoing.job.snapshot().status.is_finished() {
                 lock(&outgoing.claim).take();
             }
@@ -241,7 +240,6 @@ impl Daemon {
 
     async fn run_source(
         self: Arc<Self>,
-        job: Arc<Job>,
         outgoing: Arc<OutgoingJob>,
         req: MigrationRequest,
         plan: GroupPlan,
@@ -249,6 +247,7 @@ impl Daemon {
         peer_addr: SocketAddr,
         claimed: Vec<(String, Arc<dyn MigrationDevice>)>,
     ) {
+        let job = outgoing.job.clone();
         let timeout = self.phase_timeout(req.phase_timeout_ms);
         let mut devices: Vec<SourceDevice> = plan
             .devices

@@ -216,9 +216,7 @@ impl World {
 
     /// The final answer to a Commit or Abort (the driver waits out `Wait`).
     fn dst_request(&mut self, event: DestinationEvent) -> Option<DestinationReply> {
-        if self.dst.is_none() {
-            return None;
-        }
+        self.dst.as_ref()?;
         let mut replies = self.dst_event(event);
         if replies.contains(&DestinationReply::Wait) {
             replies = self.dst_event(event);
