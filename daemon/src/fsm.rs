@@ -92,9 +92,19 @@ impl State {
         }
     }
 
-    /// True where the device may initiate DMA or change its internal state: the states a
-    /// source and destination device must never share while both hold the VM's state.
+    /// True where the device runs: its internal state may change, it may DMA to memory
+    /// and it answers MMIO, so it may be the *target* of peer-to-peer DMA. The P2P states
+    /// run too (`include/uapi/linux/vfio.h`: RUNNING_P2P only forbids *initiating* P2P
+    /// DMA). These are the states a source and destination device must never share while
+    /// both hold the VM's state.
     pub const fn is_running(self) -> bool {
+        matches!(self, State::Running | State::PreCopy | State::RunningP2p | State::PreCopyP2p)
+    }
+
+    /// True where the device may initiate peer-to-peer DMA: RUNNING and PRE_COPY. A device
+    /// in RUNNING_P2P / PRE_COPY_P2P has completed its outstanding P2P DMA and starts none
+    /// (the P2P quiescing of a multi-device switchover).
+    pub const fn may_initiate_p2p(self) -> bool {
         matches!(self, State::Running | State::PreCopy)
     }
 
@@ -418,6 +428,14 @@ mod tests {
         );
         assert!(matches!(path(full, State::Error, State::Running), Err(FsmError::CurrentUnsupported(..))));
         assert!(path(full, State::Running, State::Error).is_err());
+    }
+
+    #[test]
+    fn p2p_states_run_but_initiate_no_p2p_dma() {
+        let running: Vec<State> = State::ALL.into_iter().filter(|s| s.is_running()).collect();
+        assert_eq!(running, [State::Running, State::RunningP2p, State::PreCopy, State::PreCopyP2p]);
+        let initiating: Vec<State> = State::ALL.into_iter().filter(|s| s.may_initiate_p2p()).collect();
+        assert_eq!(initiating, [State::Running, State::PreCopy]);
     }
 
     #[test]

@@ -507,8 +507,10 @@ impl Daemon {
         })?
     }
 
-    /// Peer Commit (rule D2/D3): resume every device — P2P devices to RUNNING_P2P first
-    /// (barrier), then all to RUNNING. Idempotent once succeeded.
+    /// Peer Commit (rule D2/D3): resume every device in the sequencer's order
+    /// ([`super::plan::resume`]): P2P devices to RUNNING_P2P (barrier), then the device
+    /// without P2P, then the P2P devices to RUNNING. If a step fails no later step runs,
+    /// and the job is held in doubt, never reset. Idempotent once succeeded.
     pub async fn commit_incoming(
         self: &Arc<Self>,
         job_id: &str,
@@ -531,45 +533,45 @@ impl Daemon {
             )));
         }
         job.update(|s| s.status = JobStatus::Running);
+        let loaded = snap.phase == Phase::Loaded;
         job.enter_phase(Phase::Resume);
-        let devices = incoming.devices();
-        let mut errors = Vec::new();
+        let devices: Vec<Arc<dyn MigrationDevice>> = incoming.devices().into_iter().map(|(_, d)| d).collect();
         let p2p_names = lock(&incoming.p2p).clone();
-        let p2p: Vec<_> = devices
-            .iter()
-            .filter(|(_, d)| p2p_names.contains(d.name()))
-            .map(|(_, d)| (d.clone(), State::RunningP2p))
-            .collect();
-        for ((device, _), result) in p2p.iter().zip(transition_all(&p2p).await) {
-            match result {
-                Ok(_) => job.set_device_state(device.name(), State::RunningP2p),
-                Err(e) => errors.push(format!("phase resume: {e}")),
-            }
+        // What the handshake learnt is all the plan needs (P2P or not), so the first
+        // resume asks the devices nothing inside downtime: they are all loaded (STOP). A
+        // resume retried after a failed one starts from where the devices really are.
+        let mut members = Vec::with_capacity(devices.len());
+        for device in &devices {
+            let caps = if p2p_names.contains(device.name()) {
+                Caps::STOP_COPY.union(Caps::P2P)
+            } else {
+                Caps::STOP_COPY
+            };
+            let state = if loaded {
+                State::Stop
+            } else {
+                super::blocking(device, |d| d.state())
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("phase resume: {e}")))?
+            };
+            members.push(super::plan::Member::new(device.name(), caps, state));
         }
-        let all: Vec<_> = devices.iter().map(|(_, d)| (d.clone(), State::Running)).collect();
-        for ((device, _), result) in all.iter().zip(transition_all(&all).await) {
-            match result {
-                Ok(_) => job.set_device_state(device.name(), State::Running),
-                Err(e) => errors.push(format!("phase resume: {e}")),
-            }
+        let resumed =
+            super::sequence::resume(&devices, &members, |name, state| job.set_device_state(name, state))
+                .await;
+        if let Err(e) = resumed {
+            // After Commit the devices hold the VM's state and the source stays stopped:
+            // never reset them; hold them (claimed) in doubt for a retried commit.
+            let message = format!("phase resume: {e}; retry with ResolveJob (commit), never reset");
+            tracing::error!(job = %job_id, error = %message, "resume incomplete; devices held");
+            job.finish(JobStatus::InDoubt, Some(message.clone()));
+            return Err(EngineError::Internal(message));
         }
         incoming.release();
         self.keep_dirty_statistics(&job);
         let running_at = crate::job::unix_ns();
-        if errors.is_empty() {
-            job.finish(JobStatus::Succeeded, None);
-        } else {
-            job.finish(JobStatus::Failed, Some(errors.join("; ")));
-        }
+        job.finish(JobStatus::Succeeded, None);
         self.jobs.retire(job_id);
-        if !errors.is_empty() {
-            // Rule D4: the VM's state is here, but not every device runs: the source
-            // must not read this as "the destination runs" (it stays in doubt).
-            return Err(EngineError::Internal(format!(
-                "job `{job_id}`: committed, but devices failed to resume: {}",
-                errors.join("; ")
-            )));
-        }
         Ok(running_at)
     }
 

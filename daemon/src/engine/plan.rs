@@ -360,13 +360,13 @@ pub enum SequenceError {
 
 /// True where a device may initiate P2P DMA (RUNNING, PRE_COPY).
 pub const fn initiates_p2p(state: State) -> bool {
-    matches!(state, State::Running | State::PreCopy)
+    state.may_initiate_p2p()
 }
 
 /// True where a P2P write into the device is lost or corrupts state being serialised:
 /// every state but the four running ones.
 pub const fn closed_to_p2p(state: State) -> bool {
-    !matches!(state, State::Running | State::PreCopy | State::RunningP2p | State::PreCopyP2p)
+    !state.is_running()
 }
 
 fn check_members(members: &[Member], allow_multiple_non_p2p: bool) -> Result<(), SequenceError> {

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::plan::Move;
+use super::plan::{self, BarrierKind, Member, Move, SequenceError, Step};
 use crate::device::{DataFd, DeviceError, MigrationDevice};
+use crate::fsm::State;
 
 /// How many times a reset answered EAGAIN/EBUSY is tried in all. `VFIO_DEVICE_RESET`
 /// fails with EAGAIN when `pci_try_reset_function()` cannot take the device lock or a
@@ -61,4 +62,69 @@ pub async fn reset(device: &Arc<dyn MigrationDevice>) -> Result<(), DeviceError>
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Why the destination's resume did not bring every device to RUNNING. Neither is a
+/// reason to reset: after Commit the devices hold the VM's only running copy (the source
+/// journaled commit and never resumes), so the driver holds them and reports the job in
+/// doubt; a retried resume starts from wherever they are.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResumeError {
+    #[error("cannot plan the resume: {0}")]
+    Plan(#[from] SequenceError),
+    #[error(
+        "{} failed: {}; devices held where they are ({}), none reset: {}",
+        step.as_str(),
+        failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        held.iter().map(|(n, s)| format!("`{n}` in {s}")).collect::<Vec<_>>().join(", "),
+        if held.iter().any(|(_, s)| *s == State::Running) {
+            "the devices already running stay running, the others wait for a retried resume"
+        } else {
+            "no device was started"
+        }
+    )]
+    Incomplete {
+        /// The step that failed; no later step ran.
+        step: BarrierKind,
+        failures: Vec<DeviceError>,
+        /// Every device and the state it was left in (for a device whose SET failed: what
+        /// the kernel reported, or the state before the SET if it reported nothing).
+        held: Vec<(String, State)>,
+    },
+}
+
+/// Executes [`plan::resume`] from `members` (each device's current state): P2P devices to
+/// RUNNING_P2P, then the device(s) without P2P, then the P2P devices to RUNNING, stopping
+/// at the first step in which any device fails — so if a P2P device cannot reach
+/// RUNNING_P2P, no device is started. `moved` hears every device that reached its target.
+pub async fn resume(
+    devices: &[Arc<dyn MigrationDevice>],
+    members: &[Member],
+    moved: impl Fn(&str, State),
+) -> Result<(), ResumeError> {
+    let steps = plan::resume(members)?;
+    let mut states: Vec<State> = members.iter().map(|m| m.state).collect();
+    for step in &steps {
+        let Step::Barrier { kind, moves } = step else { continue };
+        let mut failures = Vec::new();
+        for (m, result) in moves.iter().zip(barrier(devices, moves).await) {
+            match result {
+                Ok(_) => {
+                    states[m.device] = m.target;
+                    moved(devices[m.device].name(), m.target);
+                }
+                Err(e) => {
+                    if let Some(after) = e.state_after {
+                        states[m.device] = after;
+                    }
+                    failures.push(e);
+                }
+            }
+        }
+        if !failures.is_empty() {
+            let held = devices.iter().zip(&states).map(|(d, s)| (d.name().to_string(), *s)).collect();
+            return Err(ResumeError::Incomplete { step: *kind, failures, held });
+        }
+    }
+    Ok(())
 }

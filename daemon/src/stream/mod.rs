@@ -248,6 +248,12 @@ pub enum StreamError {
     Refused { connection: usize, reason: String },
     #[error("device {device}: {op} failed: {errno}")]
     DataFd { device: u32, op: Op, errno: Errno },
+    /// `include/uapi/linux/vfio.h`: ENOMSG is the *temporary* end of a PRE_COPY stream;
+    /// in STOP_COPY the end is final (read returns 0) and ENOMSG may not be returned.
+    #[error(
+        "device {device}: the data_fd read answered ENOMSG in STOP_COPY, where the uAPI allows only data or the final end: driver bug"
+    )]
+    EnomsgInStopCopy { device: u32 },
     #[error("data connection {connection} (devices {devices:?}): {source}")]
     Connection {
         connection: usize,
@@ -307,6 +313,7 @@ impl StreamError {
             | StreamError::EndMismatch { device, .. }
             | StreamError::UnknownFlags { device, .. }
             | StreamError::DataFd { device, .. }
+            | StreamError::EnomsgInStopCopy { device }
             | StreamError::DeviceOutOfRange { device, .. }
             | StreamError::DuplicateDevice { device }
             | StreamError::MissingDevice { device }

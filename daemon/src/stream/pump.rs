@@ -294,6 +294,9 @@ pub(crate) trait FrameSink: Send + Sync {
     fn send(&self, frame: Outgoing) -> Result<(), StreamError>;
 }
 
+/// How long the reader waits before reading again after an EAGAIN in STOP_COPY.
+const FINAL_PHASE_RETRY: Duration = Duration::from_millis(1);
+
 /// The source's reader of one device's saving `data_fd`.
 pub(crate) struct DeviceReader {
     pub(crate) device: u32,
@@ -320,6 +323,21 @@ impl DeviceReader {
                 Ok(0) if final_phase => {
                     self.pool.give(buf);
                     break;
+                }
+                // After the switchover the device is in STOP_COPY, where ENOMSG may not be
+                // returned: waiting for more would spin until the phase deadline.
+                Err(Errno::ENOMSG) if final_phase => {
+                    self.pool.give(buf);
+                    return Err(StreamError::EnomsgInStopCopy { device: self.device });
+                }
+                Err(Errno::EAGAIN) if final_phase => {
+                    // A blocking fd should not say EAGAIN; if a driver does, back off
+                    // instead of spinning (the fired switchover no longer waits).
+                    self.pool.give(buf);
+                    if self.aborted.load(Ordering::Acquire) {
+                        return Err(StreamError::Aborted);
+                    }
+                    std::thread::sleep(self.precopy_poll.min(FINAL_PHASE_RETRY));
                 }
                 Ok(0) | Err(Errno::ENOMSG | Errno::EAGAIN) => {
                     self.pool.give(buf);
@@ -456,5 +474,70 @@ mod tests {
         progress.add(1, 7);
         progress.add(9, 100);
         assert_eq!((progress.bytes(0), progress.bytes(1), progress.total()), (5, 7, 12));
+    }
+
+    /// A driver that answers ENOMSG to every read (a PRE_COPY temporary end).
+    #[derive(Debug)]
+    struct AlwaysEnomsg;
+
+    impl crate::device::DataFdOps for AlwaysEnomsg {
+        fn read(&self, _fd: std::os::fd::BorrowedFd<'_>, _buf: &mut [u8]) -> Result<usize, Errno> {
+            Err(Errno::ENOMSG)
+        }
+        fn write(&self, _fd: std::os::fd::BorrowedFd<'_>, _buf: &[u8]) -> Result<usize, Errno> {
+            Err(Errno::EBADF)
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct CountingSink(Mutex<usize>);
+
+    impl FrameSink for CountingSink {
+        fn send(&self, _frame: Outgoing) -> Result<(), StreamError> {
+            *lock(&self.0) += 1;
+            Ok(())
+        }
+    }
+
+    fn enomsg_reader(switchover: Switchover, aborted: Arc<AtomicBool>) -> DeviceReader {
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        DeviceReader {
+            device: 3,
+            fd: Arc::new(DataFd::with_ops(read, crate::device::Direction::Saving, Arc::new(AlwaysEnomsg))),
+            switchover,
+            pool: Arc::new(BufferPool::new(2, 64)),
+            sink: Arc::new(CountingSink::default()),
+            max_payload: 64,
+            precopy_poll: Duration::from_millis(5),
+            aborted,
+        }
+    }
+
+    /// Case 8 of issue #11: after the switchover (STOP_COPY) ENOMSG is a driver bug, not
+    /// a temporary end: the reader fails at once, naming the device, instead of spinning
+    /// on it until the phase deadline.
+    #[test]
+    fn case_8_enomsg_after_the_switchover_is_an_error_not_a_spin() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = enomsg_reader(Switchover::stop_copy(), Arc::default());
+        std::thread::spawn(move || tx.send(reader.run()).unwrap());
+        let result = rx.recv_timeout(Duration::from_secs(5)).expect("the reader spun on ENOMSG in STOP_COPY");
+        let error = result.expect_err("ENOMSG in STOP_COPY must fail the stream");
+        assert!(matches!(error, StreamError::EnomsgInStopCopy { device: 3 }), "{error}");
+        assert_eq!(error.device(), Some(3));
+        assert!(error.to_string().contains("ENOMSG in STOP_COPY"), "{error}");
+    }
+
+    /// In PRE_COPY ENOMSG keeps meaning "nothing more for now": the reader waits.
+    #[test]
+    fn enomsg_before_the_switchover_still_waits() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let aborted = Arc::new(AtomicBool::new(false));
+        let reader = enomsg_reader(Switchover::new(), aborted.clone());
+        std::thread::spawn(move || tx.send(reader.run()).unwrap());
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "PRE_COPY's ENOMSG ended the stream");
+        aborted.store(true, Ordering::Release);
+        let result = rx.recv_timeout(Duration::from_secs(5)).expect("abort ends the wait");
+        assert!(matches!(result, Err(StreamError::Aborted)));
     }
 }

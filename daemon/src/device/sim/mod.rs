@@ -25,6 +25,9 @@
 //!   every logging operation when the driver has none;
 //! * an IOMMU ([`iommu`]): devices naming a HWPT share it, and their DMA writes dirty it
 //!   while it tracks, with or without DMA logging;
+//! * peer-to-peer DMA between the devices of one VM ([`p2p`]): RUNNING_P2P and
+//!   PRE_COPY_P2P keep running and accept P2P writes but initiate none; a write into a
+//!   stopped device corrupts what it saves;
 //! * `reset()` returns to RUNNING in the power-on state `(seed, 0)`, disables every
 //!   data_fd (they stay open; reads and writes fail with ENODEV) and stops DMA logging;
 //! * every arc, reset and fault goes to the arc log ([`arc_log`]).
@@ -34,6 +37,7 @@ mod dma;
 mod fault;
 mod image;
 mod iommu;
+mod p2p;
 mod session;
 mod spec;
 mod stream;
@@ -41,8 +45,9 @@ mod stream;
 mod tests;
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
@@ -79,6 +84,9 @@ pub struct SimDevice {
     core: Mutex<Core>,
     dma: Arc<DeviceDma>,
     hwpt: Option<Arc<dyn HwptDirty>>,
+    /// The devices this one writes into by P2P DMA ([`SimDevice::connect_p2p`]).
+    p2p_peers: Mutex<Vec<Weak<SimDevice>>>,
+    p2p_writer_started: AtomicBool,
 }
 
 struct Core {
@@ -146,7 +154,16 @@ impl SimDevice {
             let name = spec.iommu.as_ref().map_or("", |i| i.hwpt.as_str());
             Arc::new(SimHwptHandle::new(Arc::clone(iommu), id, name)) as Arc<dyn HwptDirty>
         });
-        Ok(SimDevice { seed, shared, core: Mutex::new(core), dma, hwpt: hwpt_handle, spec })
+        Ok(SimDevice {
+            seed,
+            shared,
+            core: Mutex::new(core),
+            dma,
+            hwpt: hwpt_handle,
+            spec,
+            p2p_peers: Mutex::default(),
+            p2p_writer_started: AtomicBool::new(false),
+        })
     }
 
     pub fn spec(&self) -> &SimSpec {
@@ -158,6 +175,53 @@ impl SimDevice {
         lock(&self.shared.faults).inject(fault);
     }
 
+    /// Makes `peers` (the other devices of this device's VM) the targets of its P2P DMA
+    /// writes, and starts its writer thread if its spec asks for P2P writes
+    /// (`p2p_writes_per_second`). Calling it again replaces the peers.
+    pub fn connect_p2p(self: &Arc<Self>, peers: &[Arc<SimDevice>]) {
+        *lock(&self.p2p_peers) = peers.iter().filter(|p| !Arc::ptr_eq(p, self)).map(Arc::downgrade).collect();
+        let rate = self.spec.p2p_writes_per_second;
+        if rate == 0 || self.p2p_writer_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let interval = Duration::from_nanos((1_000_000_000 / rate).max(1));
+        let spawned =
+            std::thread::Builder::new().name(format!("sim-p2p-{}", self.spec.name)).spawn(move || {
+                let mut next = 0usize;
+                loop {
+                    std::thread::sleep(interval);
+                    let Some(device) = me.upgrade() else { return };
+                    device.p2p_write(&mut next);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(device = %self.spec.name, error = %e, "cannot start the simulated P2P DMA writer");
+            self.p2p_writer_started.store(false, Ordering::Release);
+        }
+    }
+
+    /// One P2P write into the next peer, if the device may initiate one now.
+    fn p2p_write(&self, next: &mut usize) {
+        let peers: Vec<Arc<SimDevice>> = lock(&self.p2p_peers).iter().filter_map(Weak::upgrade).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let _gate = self.shared.p2p.gate();
+        if !self.shared.state().may_initiate_p2p() {
+            return;
+        }
+        let peer = &peers[*next % peers.len()];
+        *next = next.wrapping_add(1);
+        peer.shared.receive_p2p(&self.spec.name);
+    }
+
+    /// P2P DMA writes this device received: (taken while running, arrived while stopped
+    /// and corrupting it).
+    pub fn p2p_writes_received(&self) -> (u64, u64) {
+        self.shared.p2p.totals()
+    }
+
     /// Disarms every fault, configured or injected.
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
@@ -165,7 +229,7 @@ impl SimDevice {
 
     /// Lets the running device change `events` pages of its state now, on top of
     /// `dirty_rate` (deterministic, for tests). Fails with the current state when the
-    /// device is not running (RUNNING or PRE_COPY): a stopped device never changes.
+    /// device is not running (RUNNING, PRE_COPY or their P2P states): a stopped device never changes.
     pub fn dirty_state(&self, events: u64) -> Result<StateId, State> {
         let mut core = lock(&self.core);
         self.tick(&mut core);
@@ -267,6 +331,7 @@ impl SimDevice {
     /// change only while it runs.
     fn tick(&self, core: &mut Core) {
         self.dma.tick();
+        Self::apply_p2p(core, &mut self.shared.p2p.inbox());
         let now = Instant::now();
         let elapsed = now.duration_since(core.last_tick);
         core.last_tick = now;
@@ -279,6 +344,18 @@ impl SimDevice {
             let events = (core.dirty_carry / per_event) as u64;
             core.dirty_carry %= per_event;
             apply_dirty(core, events);
+        }
+    }
+
+    /// Applies the P2P writes received since the last call: the accepted ones change
+    /// state pages the way the device's own work does (dirty for PRE_COPY); the
+    /// corrupting ones change pages behind its dirty tracking.
+    fn apply_p2p(core: &mut Core, inbox: &mut p2p::Inbox) {
+        apply_dirty(core, std::mem::take(&mut inbox.accepted));
+        for _ in 0..std::mem::take(&mut inbox.corrupting) {
+            if core.image.dirty_one().is_none() {
+                break;
+            }
         }
     }
 
@@ -333,6 +410,12 @@ impl SimDevice {
                 .err(op, Errno::EIO)
                 .with_detail(format!("injected: the arc {} -> {} fell into ERROR", arc.from, arc.to)));
         }
+        // The arc completes this device's outstanding P2P writes (the gate) and takes
+        // every write that reached it so far; writes arriving while it walks wait for its
+        // new state.
+        let _gate = self.shared.p2p.gate();
+        let mut inbox = self.shared.p2p.inbox();
+        Self::apply_p2p(core, &mut inbox);
         let mut opened = None;
         match (arc.from, arc.to) {
             (State::Stop, State::StopCopy) => opened = Some(self.open_saving(core, arc.to, true, op)?),
@@ -590,6 +673,7 @@ impl MigrationDevice for SimDevice {
         core.dirty = DirtyPages::new(page_count(self.spec.state_size));
         core.dirty_carry = 0;
         core.loaded = None;
+        self.shared.p2p.reset();
         self.dma.stop_logging();
         self.shared.arc_log.record(from, ArcEvent::Reset);
         Ok(())

@@ -32,6 +32,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use super::arc_log::{ArcEvent, ArcLog};
 use super::fault::{FaultOp, FaultTable};
 use super::image::Image;
+use super::p2p::P2pPort;
 use super::spec::PrecopyEnd;
 use super::stream::{self, Compat, Framer, FramingOnly, Loader, StreamError, StreamHeader};
 use crate::device::{DataFd, DataFdOps, Direction};
@@ -52,11 +53,28 @@ pub(crate) struct Shared {
     pub faults: Mutex<FaultTable>,
     pub arc_log: ArcLog,
     state: AtomicU32,
+    /// Peer-to-peer DMA into and out of the device ([`super::p2p`]).
+    pub p2p: P2pPort,
 }
 
 impl Shared {
     pub fn new(name: String, faults: FaultTable, arc_log: ArcLog) -> Shared {
-        Shared { name, faults: Mutex::new(faults), arc_log, state: AtomicU32::new(State::Running.as_raw()) }
+        Shared {
+            name,
+            faults: Mutex::new(faults),
+            arc_log,
+            state: AtomicU32::new(State::Running.as_raw()),
+            p2p: P2pPort::default(),
+        }
+    }
+
+    /// A P2P DMA write from device `from` reaches this device.
+    pub fn receive_p2p(&self, from: &str) {
+        let mut inbox = self.p2p.inbox();
+        let state = self.state();
+        if let Some(what) = self.p2p.receive(&mut inbox, state, from) {
+            self.arc_log.record(state, ArcEvent::Fault(what));
+        }
     }
 
     pub fn state(&self) -> State {
@@ -426,6 +444,11 @@ impl DataFdOps for SaveSession {
             return Err(Errno::EIO);
         }
         st.consumed += n as u64;
+        if self.shared.p2p.is_corrupted() {
+            // A P2P write reached the device while it was stopped: what it saves is no
+            // longer the state it stopped with.
+            buf[0] ^= 0xFF;
+        }
         Ok(n)
     }
 

@@ -10,6 +10,7 @@
 //! seed = 7                      # default: derived from the name
 //! caps = "STOP_COPY|P2P|PRE_COPY"
 //! dirty_rate = "8MiB"           # bytes of state changed per second while running
+//! p2p_writes_per_second = 0     # P2P DMA writes into peer devices while RUNNING/PRE_COPY
 //! precopy_end = "zero"          # or "enomsg"
 //! arc_log = "/tmp/arcs.tsv"
 //! [device.dma_logging]
@@ -64,10 +65,20 @@ pub struct SimSpec {
     /// migration operation fails with ENOTTY). Default `STOP_COPY|P2P|PRE_COPY`.
     #[serde(default = "default_caps", deserialize_with = "de_caps")]
     pub caps: Caps,
-    /// Bytes of state that change per second while the device runs (RUNNING, PRE_COPY),
-    /// in 4 KiB pages. Nothing changes in the P2P-quiesced or stopped states. Default 0.
+    /// Bytes of state that change per second while the device runs (RUNNING, PRE_COPY and
+    /// the P2P-quiesced RUNNING_P2P, PRE_COPY_P2P, which keep running), in 4 KiB pages.
+    /// Nothing changes in the stopped states. Default 0.
     #[serde(default, deserialize_with = "de_byte_size")]
     pub dirty_rate: u64,
+    /// Peer-to-peer DMA writes per second this device makes into its peers (the other
+    /// devices of its VM, connected with [`super::SimDevice::connect_p2p`]) while it may
+    /// initiate P2P DMA (RUNNING, PRE_COPY). A write into a running peer changes a page of
+    /// the peer's state, as a write into its BAR would; a write into a peer in STOP,
+    /// STOP_COPY, RESUMING or ERROR — which the kernel's P2P rules exist to prevent —
+    /// corrupts the peer's state and every stream it saves, so the destination rejects
+    /// the stream. Default 0 (no P2P DMA).
+    #[serde(default)]
+    pub p2p_writes_per_second: u64,
     /// What a read at the temporary end of a PRE_COPY stream returns.
     #[serde(default)]
     pub precopy_end: PrecopyEnd,
@@ -302,6 +313,7 @@ impl SimSpec {
             seed: None,
             caps: default_caps(),
             dirty_rate: 0,
+            p2p_writes_per_second: 0,
             precopy_end: PrecopyEnd::Zero,
             dma_logging: DmaLoggingSpec::default(),
             iommu: None,
