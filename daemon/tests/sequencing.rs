@@ -203,3 +203,44 @@ fn case_7_quiesced_devices_run_and_take_p2p_writes_but_initiate_none() {
             .any(|e| matches!(&e.event, ArcEvent::Fault(w) if w.contains("P2P DMA write from writer")))
     );
 }
+
+/// Case 7 of issue #11, last part: a cancel that raced the commit (it passed the phase
+/// check just before the job committed) must not skip the source's STOP_COPY -> STOP
+/// cleanup, which main's cancel-guarded barrier gave up on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn case_7_a_cancel_racing_the_commit_does_not_skip_the_cleanup() {
+    let (src, dst) = pair(&[("gpu", "STOP_COPY|P2P", 0), ("nic", "STOP_COPY|P2P", 0)]).await;
+    // The destination's resume is slow, so the source sits in its commit phase a while.
+    dst.devices[0].inject(
+        Fault::stall(FaultOp::SetState, Duration::from_millis(300)).in_state(State::RunningP2p).nth(2),
+    );
+    let names: Vec<String> = src.devices.iter().map(|d| d.name().to_string()).collect();
+    let dst_names: Vec<String> = dst.devices.iter().map(|d| d.name().to_string()).collect();
+    dst.daemon.prepare_incoming("job-race", dst_names.clone()).await.unwrap();
+    src.define_group("vm", &src.devices);
+    let job = src
+        .daemon
+        .start_migration(MigrationRequest {
+            job_id: "job-race".into(),
+            group: "vm".into(),
+            peer: dst.peer.to_string(),
+            mapping: names.into_iter().zip(dst_names).collect(),
+            phase_timeout_ms: 20_000,
+            data_connections: 0,
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while job.snapshot().phase != vfio_migd::job::Phase::Commit {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the job reached its commit phase");
+    job.cancel.cancel();
+    let s = wait_finished(&src.daemon, "job-race").await;
+    assert_eq!(s.status, JobStatus::Succeeded, "{:?}", s.error);
+    for dev in &src.devices {
+        assert_eq!(dev.state().unwrap(), State::Stop, "{} left in STOP_COPY", dev.name());
+    }
+}
