@@ -34,7 +34,7 @@ pub fn config_in(dir: &Path) -> Config {
     let text = format!(
         "state_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/control.sock\"\n\
          [handoff]\nsocket = \"{0}/run/handoff.sock\"\n[peer]\nlisten = \"127.0.0.1:0\"\n\
-         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+         [metrics]\nlisten = \"127.0.0.1:0\"\n[simulator]\nallow_remote = true\n",
         dir.display()
     );
     Config::from_toml(&text, false).expect("test configuration")
