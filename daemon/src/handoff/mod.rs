@@ -162,7 +162,17 @@ async fn handle(
     let Some(caller) = caller else {
         return Err(AccessDenied::NoCredentials { what: "device handoff".into() }.into());
     };
-    policy.check(Some(&caller), AccessClass::Admin, "device handoff")?;
+    if let Err(denied) = policy.check(Some(&caller), AccessClass::Admin, "device handoff") {
+        // Wait for the request to be sent (without receiving it) so that the client reads
+        // the refusal instead of meeting EPIPE on a connection closed under it.
+        // A peek without control space installs no fd (the kernel flags MSG_CTRUNC).
+        let sent = stream.async_io(Interest::READABLE, || {
+            let mut byte = [MaybeUninit::uninit(); 1];
+            rustix::net::recv(stream, &mut byte[..], RecvFlags::PEEK).map(|_| ()).map_err(io::Error::from)
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), sent).await;
+        return Err(denied.into());
+    }
     let (line, fd) = tokio::time::timeout(Duration::from_millis(timeout_ms), receive(stream))
         .await
         .map_err(|_| HandoffError::Timeout(timeout_ms))??;
