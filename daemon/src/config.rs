@@ -548,4 +548,24 @@ mod tests {
         let err = Config::from_toml(&dup, false).unwrap_err();
         assert!(err.to_string().contains("duplicate device name"), "{err}");
     }
+
+    #[test]
+    fn configured_simulated_devices_are_bounded_by_max_state_size() {
+        let device = "[[device]]\nkind = \"sim\"\nname = \"big\"\nstate_size = \"2GiB\"\n";
+        let err = Config::from_toml(device, false).unwrap_err().to_string();
+        assert!(err.contains("device[0].state_size") && err.contains("max_state_size"), "{err}");
+        let raised = format!("[simulator]\nmax_state_size = \"4GiB\"\n{device}");
+        assert_eq!(Config::from_toml(&raised, false).unwrap().simulator.max_state_size, 4 << 30);
+    }
+
+    #[test]
+    fn access_and_simulator_defaults_are_closed() {
+        let config = Config::from_toml("", false).unwrap();
+        assert!(!config.simulator.allow_remote);
+        assert_eq!(config.simulator.max_state_size, 1 << 30);
+        assert_eq!(config.control.access(), AccessConfig::default());
+        assert_eq!(config.handoff.max_connections, 16);
+        let err = Config::from_toml("[handoff]\nmax_connections = 0\n", false).unwrap_err();
+        assert!(err.to_string().contains("handoff.max_connections"), "{err}");
+    }
 }

@@ -95,8 +95,14 @@ impl pb::control_server::Control for ControlService {
         let sim = match &req.source {
             Some(Source::Simulated(spec)) => {
                 let spec = sim_spec_from_proto(&name, spec)?;
-                open::check_remote_sim(&spec, &self.daemon.config.simulator, "RegisterDevice")
-                    .map_err(|e| Status::from(device_error(e)))?;
+                let simulator = &self.daemon.config.simulator;
+                open::check_remote_sim(&spec, simulator, "RegisterDevice").map_err(|e| {
+                    if simulator.allow_remote {
+                        Status::invalid_argument(e.to_string())
+                    } else {
+                        Status::permission_denied(e.to_string())
+                    }
+                })?;
                 Some(spec)
             }
             _ => None,
