@@ -26,7 +26,8 @@ impl Served {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "state_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/control.sock\"\n\
-             [handoff]\nsocket = \"{0}/run/handoff.sock\"\n[peer]\nlisten = \"127.0.0.1:0\"\n",
+             [handoff]\nsocket = \"{0}/run/handoff.sock\"\n[peer]\nlisten = \"127.0.0.1:0\"\n\
+             [simulator]\nallow_remote = true\n",
             dir.path().display()
         );
         let daemon =

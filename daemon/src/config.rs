@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::device::sim::SimSpec;
+use crate::device::sim::{SimSpec, parse_byte_size};
 use crate::stream::StreamFault;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vfio-migd/config.toml";
@@ -43,6 +43,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub simulator: SimulatorConfig,
     /// Devices opened at start. `[[device]]` tables with `kind = "sim" | "vfio-group" | "vfio-cdev"`.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -57,12 +59,60 @@ pub struct ControlConfig {
     /// Unix socket of the control API (vfio-migctl, control planes).
     #[serde(default = "default_control_socket")]
     pub socket: PathBuf,
+    /// Group (name or number) given to the socket (mode 0660) and to the runtime
+    /// directory when the daemon creates it (mode 0750). Unset: the daemon's own group.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Uids that may call the read-only RPCs (see [`ControlConfig::access`]).
+    #[serde(default)]
+    pub read_uids: Vec<u32>,
+    /// Gids (the caller's primary group) that may call the read-only RPCs.
+    #[serde(default)]
+    pub read_gids: Vec<u32>,
+    /// Uids that may call every RPC.
+    #[serde(default)]
+    pub admin_uids: Vec<u32>,
+    /// Gids (the caller's primary group) that may call every RPC.
+    #[serde(default)]
+    pub admin_gids: Vec<u32>,
+}
+
+impl ControlConfig {
+    /// Who may call each RPC, checked per call against the caller's `SO_PEERCRED`.
+    pub fn access(&self) -> AccessConfig {
+        AccessConfig {
+            read_uids: self.read_uids.clone(),
+            read_gids: self.read_gids.clone(),
+            admin_uids: self.admin_uids.clone(),
+            admin_gids: self.admin_gids.clone(),
+        }
+    }
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        ControlConfig { socket: default_control_socket() }
+        ControlConfig {
+            socket: default_control_socket(),
+            socket_group: None,
+            read_uids: Vec::new(),
+            read_gids: Vec::new(),
+            admin_uids: Vec::new(),
+            admin_gids: Vec::new(),
+        }
     }
+}
+
+/// The uids and gids (besides root and the daemon's own uid, which are always allowed)
+/// that may call the read-only RPCs (list, get, watch, plan) and the mutating ones
+/// (register, release, define, delete, migrate, incoming, cancel, resolve, dirty
+/// tracking). A gid matches the caller's primary group (what `SO_PEERCRED` reports).
+/// Mutating implies reading.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessConfig {
+    pub read_uids: Vec<u32>,
+    pub read_gids: Vec<u32>,
+    pub admin_uids: Vec<u32>,
+    pub admin_gids: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -71,11 +121,68 @@ pub struct HandoffConfig {
     /// Unix socket on which a VMM hands over VFIO device fds (SCM_RIGHTS).
     #[serde(default = "default_handoff_socket")]
     pub socket: PathBuf,
+    /// Group (name or number) given to the socket and to a runtime directory the daemon
+    /// creates, as `[control] socket_group`.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Uids (besides root and the daemon's own) that may hand devices over (a handoff
+    /// registers a device: it needs the mutating class).
+    #[serde(default)]
+    pub admin_uids: Vec<u32>,
+    /// Gids (the caller's primary group) that may hand devices over.
+    #[serde(default)]
+    pub admin_gids: Vec<u32>,
+    /// Handoff connections served at once; more wait in the kernel's backlog.
+    #[serde(default = "default_handoff_max_connections")]
+    pub max_connections: usize,
+    /// A client that has not sent its whole request line by then is dropped.
+    #[serde(default = "default_handoff_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+impl HandoffConfig {
+    /// Who may hand devices over: the mutating class only.
+    pub fn access(&self) -> AccessConfig {
+        AccessConfig {
+            admin_uids: self.admin_uids.clone(),
+            admin_gids: self.admin_gids.clone(),
+            ..AccessConfig::default()
+        }
+    }
 }
 
 impl Default for HandoffConfig {
     fn default() -> Self {
-        HandoffConfig { socket: default_handoff_socket() }
+        HandoffConfig {
+            socket: default_handoff_socket(),
+            socket_group: None,
+            admin_uids: Vec::new(),
+            admin_gids: Vec::new(),
+            max_connections: default_handoff_max_connections(),
+            request_timeout_ms: default_handoff_request_timeout_ms(),
+        }
+    }
+}
+
+/// `[simulator]`: the simulated device backend. Devices declared in this file
+/// (`[[device]]` with `kind = "sim"`) are always allowed; these keys govern the ones that
+/// arrive from outside (RegisterDevice, the handoff socket).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorConfig {
+    /// Accept simulated devices over RegisterDevice and the handoff socket (tests and
+    /// demos only; off in production). Even then, `arc_log` and `faults` are refused.
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// Largest `state_size` of any simulated device (configured or remote): the
+    /// simulator holds the whole state in memory. A number or `"1GiB"`.
+    #[serde(default = "default_sim_max_state_size", deserialize_with = "de_byte_size")]
+    pub max_state_size: u64,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        SimulatorConfig { allow_remote: false, max_state_size: default_sim_max_state_size() }
     }
 }
 
@@ -232,6 +339,32 @@ fn default_control_socket() -> PathBuf {
 fn default_handoff_socket() -> PathBuf {
     PathBuf::from("/run/vfio-migd/handoff.sock")
 }
+fn default_handoff_max_connections() -> usize {
+    16
+}
+fn default_handoff_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_sim_max_state_size() -> u64 {
+    1 << 30
+}
+
+/// A byte size: a number or a string such as `"1GiB"`.
+fn de_byte_size<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(de)? {
+        Size::Number(n) => Ok(n),
+        Size::Text(text) => parse_byte_size(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!("`{text}` is not a byte size (e.g. 1048576 or \"1GiB\")"))
+        }),
+    }
+}
+
 fn default_peer_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7410))
 }
@@ -315,6 +448,12 @@ impl Config {
         if self.migration.phase_timeout_ms == 0 {
             return Err(invalid("migration.phase_timeout_ms", "must be positive"));
         }
+        if self.handoff.max_connections == 0 {
+            return Err(invalid("handoff.max_connections", "must be at least 1"));
+        }
+        if self.handoff.request_timeout_ms == 0 {
+            return Err(invalid("handoff.request_timeout_ms", "must be positive"));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, device) in self.devices.iter().enumerate() {
             if device.name().is_empty() {
@@ -323,6 +462,15 @@ impl Config {
             if let DeviceConfig::Sim(spec) = device {
                 spec.validate()
                     .map_err(|e| invalid(&format!("device[{i}] ({})", device.name()), &e.to_string()))?;
+                if spec.state_size > self.simulator.max_state_size {
+                    return Err(invalid(
+                        &format!("device[{i}].state_size"),
+                        &format!(
+                            "{} bytes is more than simulator.max_state_size ({} bytes)",
+                            spec.state_size, self.simulator.max_state_size
+                        ),
+                    ));
+                }
             }
             if !seen.insert(device.name()) {
                 return Err(invalid(
@@ -399,5 +547,25 @@ mod tests {
         let dup = format!("{text}[[device]]\nkind = \"vfio-cdev\"\nname = \"nic0\"\npath = \"/x\"\n");
         let err = Config::from_toml(&dup, false).unwrap_err();
         assert!(err.to_string().contains("duplicate device name"), "{err}");
+    }
+
+    #[test]
+    fn configured_simulated_devices_are_bounded_by_max_state_size() {
+        let device = "[[device]]\nkind = \"sim\"\nname = \"big\"\nstate_size = \"2GiB\"\n";
+        let err = Config::from_toml(device, false).unwrap_err().to_string();
+        assert!(err.contains("device[0].state_size") && err.contains("max_state_size"), "{err}");
+        let raised = format!("[simulator]\nmax_state_size = \"4GiB\"\n{device}");
+        assert_eq!(Config::from_toml(&raised, false).unwrap().simulator.max_state_size, 4 << 30);
+    }
+
+    #[test]
+    fn access_and_simulator_defaults_are_closed() {
+        let config = Config::from_toml("", false).unwrap();
+        assert!(!config.simulator.allow_remote);
+        assert_eq!(config.simulator.max_state_size, 1 << 30);
+        assert_eq!(config.control.access(), AccessConfig::default());
+        assert_eq!(config.handoff.max_connections, 16);
+        let err = Config::from_toml("[handoff]\nmax_connections = 0\n", false).unwrap_err();
+        assert!(err.to_string().contains("handoff.max_connections"), "{err}");
     }
 }

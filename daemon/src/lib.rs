@@ -11,11 +11,14 @@
 //! - [`peer_identity`]: who a peer daemon is (address, verified certificate names);
 //! - [`registry`]: devices and groups owned by this daemon;
 //! - [`config`]: the TOML configuration;
+//! - [`access`]: who may use the local sockets (SO_PEERCRED, per call class);
 //! - [`api`]: the control and peer gRPC services and the listeners;
 //! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup;
+//! - [`token`]: session tokens from the kernel's random generator.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod device;
@@ -28,5 +31,6 @@ pub mod peer_identity;
 pub mod registry;
 pub mod stream;
 pub mod telemetry;
+pub mod token;
 #[allow(unsafe_code)]
 pub mod vfio;

@@ -43,6 +43,23 @@ pub struct GroupDef {
     pub allow_multiple_non_p2p: bool,
 }
 
+/// Who created a group over the handoff socket: the peer credentials of the VMM process
+/// whose first handed-over device named it. Only that process may add devices to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupCreator {
+    pub uid: u32,
+    pub pid: Option<i32>,
+}
+
+impl std::fmt::Display for GroupCreator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "uid {} pid {pid}", self.uid),
+            None => write!(f, "uid {}", self.uid),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
     #[error("device `{0}` is not registered")]
@@ -69,6 +86,11 @@ pub enum RegistryError {
         "group `{0}` is dirty-tracked: stop dirty tracking first (its tracker covers exactly its current devices)"
     )]
     Tracked(String),
+    #[error(
+        "group `{group}` was not created by this client ({client}): a handoff may add devices only \
+         to groups its own process created"
+    )]
+    NotGroupCreator { group: String, client: GroupCreator },
 }
 
 #[derive(Default)]
@@ -84,6 +106,9 @@ struct Inner {
     /// device name -> the job its state migrated away in: the device holds a VM state
     /// that runs elsewhere now, so it is never claimed (or resumed) again until released.
     migrated_away: BTreeMap<String, String>,
+    /// Groups created over the handoff socket, by their creator. A group defined over the
+    /// control API has none and takes no handed-over devices.
+    creators: BTreeMap<String, GroupCreator>,
 }
 
 #[derive(Default)]
@@ -118,6 +143,18 @@ impl Drop for Claim {
             }
         }
     }
+}
+
+fn check_creator(inner: &Inner, group: &str, client: &GroupCreator) -> Result<(), RegistryError> {
+    // A creator recorded for a group not yet defined is a join in progress: it owns the name.
+    let allowed = match inner.creators.get(group) {
+        Some(creator) => creator == client,
+        None => !inner.groups.contains_key(group),
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(RegistryError::NotGroupCreator { group: group.to_string(), client: *client })
 }
 
 impl Registry {
@@ -247,6 +284,35 @@ impl Registry {
         Ok(def.clone())
     }
 
+    /// Whether `client` may add a device to `group` over the handoff socket: the group does
+    /// not exist yet, or `client` created it.
+    pub fn may_join_as(&self, group: &str, client: &GroupCreator) -> Result<(), RegistryError> {
+        check_creator(&self.lock(), group, client)
+    }
+
+    /// [`Registry::join_group`] for a handoff client: refused unless the group does not
+    /// exist yet (then `client` becomes its creator) or `client` created it.
+    pub fn join_group_as(
+        &self,
+        group: &str,
+        device: &str,
+        client: &GroupCreator,
+    ) -> Result<GroupDef, RegistryError> {
+        {
+            let mut inner = self.lock();
+            check_creator(&inner, group, client)?;
+            inner.creators.insert(group.to_string(), *client);
+        }
+        let joined = self.join_group(group, device);
+        if joined.is_err() {
+            let mut inner = self.lock();
+            if !inner.groups.contains_key(group) {
+                inner.creators.remove(group);
+            }
+        }
+        joined
+    }
+
     pub fn group(&self, name: &str) -> Result<GroupDef, RegistryError> {
         self.lock().groups.get(name).cloned().ok_or_else(|| RegistryError::UnknownGroup(name.into()))
     }
@@ -265,6 +331,7 @@ impl Registry {
             return Err(RegistryError::Busy { device: device.clone(), job: inner.claims[device].clone() });
         }
         inner.groups.remove(name);
+        inner.creators.remove(name);
         Ok(())
     }
 

@@ -574,3 +574,27 @@ async fn metrics_are_served_over_http_for_prometheus() {
     daemon.stop().await.unwrap();
     assert!(tokio::net::TcpStream::connect(metrics).await.is_err(), "the listener closes with the daemon");
 }
+
+#[tokio::test]
+async fn simulated_devices_over_the_api_need_allow_remote_and_fit_the_bound() {
+    use pb::register_device_request::Source;
+    let register = |state_size| pb::RegisterDeviceRequest {
+        name: "sim0".into(),
+        source: Some(Source::Simulated(pb::SimulatedDeviceSpec { state_size, ..Default::default() })),
+    };
+    let closed = TestDaemon::start_with(|config| config.simulator.allow_remote = false).await;
+    let err = closed.control().await.register_device(register(4096)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("allow_remote = true"), "{}", err.message());
+    assert!(closed.daemon.registry.device("sim0").is_err());
+    closed.stop().await.unwrap();
+
+    let bounded = TestDaemon::start_with(|config| config.simulator.max_state_size = 1 << 20).await;
+    let mut control = bounded.control().await;
+    // 1024 TiB once aborted the daemon on allocation; now it is refused up front.
+    let err = control.register_device(register(1 << 50)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("max_state_size"), "{}", err.message());
+    control.register_device(register(1 << 20)).await.unwrap();
+    bounded.stop().await.unwrap();
+}

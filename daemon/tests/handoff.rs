@@ -179,3 +179,209 @@ async fn a_simulated_device_is_handed_over_into_its_group_and_anchored_by_its_fd
     assert_eq!(nix::unistd::read(&anchor_reader, &mut byte), Ok(0), "released: the anchor is closed");
     daemon.stop().await.unwrap();
 }
+
+fn fd_count(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// One connection: the first message with its one fd, then 1-byte messages with 8 fds
+/// each for as long as the daemon reads them. Returns the daemon's answer.
+fn flood(socket: &Path, fds: &[BorrowedFd<'_>], messages: usize) -> HandoffReply {
+    let stream = UnixStream::connect(socket).unwrap();
+    let send = |bytes: &[u8], fds: &[BorrowedFd<'_>]| {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+        rustix::net::sendmsg(&stream, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)
+    };
+    send(b"{", &fds[..1]).unwrap();
+    for _ in 0..messages {
+        if send(b"x", &fds[..8]).is_err() {
+            break; // the daemon refused and closed: exactly what should happen
+        }
+    }
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+#[tokio::test]
+async fn an_fd_flood_on_one_connection_is_refused_and_leaves_no_fds_behind() {
+    let daemon = TestDaemon::start().await;
+    let socket = daemon.handoff_socket();
+    let pipes: Vec<_> = (0..4).map(|_| nix::unistd::pipe().unwrap()).collect();
+    let before = fd_count("self");
+    let (reply, after) = tokio::task::spawn_blocking(move || {
+        let fds: Vec<BorrowedFd<'_>> = pipes.iter().flat_map(|(r, w)| [r.as_fd(), w.as_fd()]).collect();
+        let reply = flood(&socket, &fds, 2000);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let after = fd_count("self");
+        drop(pipes);
+        (reply, after)
+    })
+    .await
+    .unwrap();
+    let error = refusal(reply);
+    assert!(error.contains("fds arrived after the first message"), "{error}");
+    assert!(after <= before + 1, "the daemon kept fds: {before} before, {after} after");
+    // Still serving.
+    let socket = daemon.handoff_socket();
+    let reply = tokio::task::spawn_blocking(move || {
+        let anchor = vfio_migctl::handoff::sim_anchor().unwrap();
+        hand_over(&socket, &json!({ "name": "sim0", "backend": "sim", "sim": {} }), anchor.as_fd()).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(reply.ok, "{reply:?}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn simulated_devices_from_the_socket_need_allow_remote() {
+    let daemon = TestDaemon::start_with(|config| config.simulator.allow_remote = false).await;
+    let socket = daemon.handoff_socket();
+    let reply = tokio::task::spawn_blocking(move || {
+        let anchor = vfio_migctl::handoff::sim_anchor().unwrap();
+        hand_over(&socket, &json!({ "name": "sim0", "backend": "sim", "sim": {} }), anchor.as_fd()).unwrap()
+    })
+    .await
+    .unwrap();
+    let error = refusal(reply);
+    assert!(error.contains("allow_remote = true") && error.contains("handoff socket"), "{error}");
+    assert!(daemon.daemon.registry.device("sim0").is_err());
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn remote_simulated_devices_are_bounded_and_carry_no_arc_log_or_faults() {
+    let daemon = TestDaemon::start_with(|config| config.simulator.max_state_size = 1 << 20).await;
+    let socket = daemon.handoff_socket();
+    let log = daemon.dir.path().join("written-by-root");
+    let log_text = log.display().to_string();
+    let replies = tokio::task::spawn_blocking(move || {
+        let anchor = vfio_migctl::handoff::sim_anchor().unwrap();
+        let send = |sim| {
+            hand_over(&socket, &json!({ "name": "sim0", "backend": "sim", "sim": sim }), anchor.as_fd())
+        };
+        [
+            send(json!({ "state_size": "1024TiB" })).unwrap(),
+            send(json!({ "arc_log": log_text })).unwrap(),
+            send(json!({ "faults": [] })).unwrap(),
+            send(json!({ "state_size": "1MiB" })).unwrap(),
+        ]
+    })
+    .await
+    .unwrap();
+    let [huge, arc_log, faults, fits] = replies;
+    let huge = refusal(huge);
+    assert!(huge.contains("max_state_size"), "{huge}");
+    assert!(
+        refusal(arc_log).contains("`arc_log` is accepted only for devices in the daemon's configuration")
+    );
+    assert!(refusal(faults).contains("`faults` is accepted only"));
+    assert!(!log.exists(), "no file created from a socket request");
+    assert!(fits.ok, "at the bound is fine: {fits:?}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_adds_devices_only_to_groups_its_own_process_created() {
+    let daemon = TestDaemon::start().await;
+    // A group defined over the control API (or by another VMM) is not this client's.
+    daemon.add_device("other", Caps::MIGRATABLE[1]);
+    daemon.daemon.registry.join_group("vm-other", "other").unwrap();
+    let socket = daemon.handoff_socket();
+    let reply = tokio::task::spawn_blocking(move || {
+        let anchor = vfio_migctl::handoff::sim_anchor().unwrap();
+        hand_over(
+            &socket,
+            &json!({ "name": "spy0", "group": "vm-other", "backend": "sim", "sim": {} }),
+            anchor.as_fd(),
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let error = refusal(reply);
+    assert!(error.contains("was not created by this client") && error.contains("vm-other"), "{error}");
+    assert!(daemon.daemon.registry.device("spy0").is_err(), "the device is not kept");
+    assert_eq!(daemon.daemon.registry.group("vm-other").unwrap().devices, ["other"]);
+    daemon.stop().await.unwrap();
+}
+
+/// A spawned daemon whose fd table is full (RLIMIT_NOFILE lowered, then filled with idle
+/// control connections) meets EMFILE on accept: it logs, backs off and keeps running, and
+/// serves handoffs again once fds are free.
+#[test]
+fn emfile_on_accept_does_not_stop_the_daemon() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let control = dir.path().join("run/control.sock");
+    let handoff = dir.path().join("run/handoff.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{0}/state\"\n[control]\nsocket = \"{1}\"\n[handoff]\nsocket = \"{2}\"\n\
+             [peer]\nlisten = \"127.0.0.1:0\"\n[simulator]\nallow_remote = true\n",
+            dir.path().display(),
+            control.display(),
+            handoff.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=64:64")
+        .arg(env!("CARGO_BIN_EXE_vfio-migd"))
+        .arg("--config")
+        .arg(&config)
+        .env("VFIO_MIGD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !(handoff.exists() && control.exists()) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the daemon did not start");
+        assert!(child.try_wait().unwrap().is_none(), "the daemon exited at start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    // Fill its fd table with idle control connections (the control server accepts them).
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(UnixStream::connect(&control).unwrap());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(fd_count(&pid) >= 60, "the daemon's fd table is (nearly) full: {}", fd_count(&pid));
+    // Handoffs now meet EMFILE on accept.
+    let waiting: Vec<UnixStream> = (0..4).map(|_| UnixStream::connect(&handoff).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "EMFILE on accept stopped the daemon");
+    drop(waiting);
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+    // It recovers: a handoff succeeds.
+    let anchor = vfio_migctl::handoff::sim_anchor().unwrap();
+    let started = Instant::now();
+    let reply = loop {
+        let reply =
+            hand_over(&handoff, &json!({ "name": "sim0", "backend": "sim", "sim": {} }), anchor.as_fd());
+        match reply {
+            Ok(reply) if reply.ok => break reply,
+            other if started.elapsed() > Duration::from_secs(10) => panic!("no recovery: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(reply.ok);
+    assert!(child.try_wait().unwrap().is_none(), "the daemon is still running");
+    let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(text.contains("handoff accept failed"), "the EMFILE was logged: {text}");
+    assert!(status.success() || status.code().is_some(), "{status:?}");
+}

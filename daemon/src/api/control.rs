@@ -1,7 +1,10 @@
 //! The control API (`vfio_migd.v1.Control`): a thin translation of requests into
 //! registry, job and engine calls. Device queries block, so they run on blocking threads.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -9,6 +12,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::register_device_request::Source;
@@ -18,6 +24,7 @@ use super::convert::{
     decision_from_proto, device_error, device_to_proto, group_to_proto, job_to_proto, plan_to_proto,
     registry_status, sim_spec_from_proto,
 };
+use crate::access::{AccessPolicy, Caller, control_method_class};
 use crate::device::open::{self, DeviceSummary, RealDevice};
 use crate::device::{DeviceError, Op};
 use crate::engine::Daemon;
@@ -86,7 +93,18 @@ impl pb::control_server::Control for ControlService {
         }
         let name = req.name.clone();
         let sim = match &req.source {
-            Some(Source::Simulated(spec)) => Some(sim_spec_from_proto(&name, spec)?),
+            Some(Source::Simulated(spec)) => {
+                let spec = sim_spec_from_proto(&name, spec)?;
+                let simulator = &self.daemon.config.simulator;
+                open::check_remote_sim(&spec, simulator, "RegisterDevice").map_err(|e| {
+                    if simulator.allow_remote {
+                        Status::invalid_argument(e.to_string())
+                    } else {
+                        Status::permission_denied(e.to_string())
+                    }
+                })?;
+                Some(spec)
+            }
             _ => None,
         };
         let sim_iommu = self.daemon.registry.sim_iommu().clone();
@@ -382,6 +400,55 @@ async fn stream_job(
                 return;
             }
             () = tokio::time::sleep_until(sent_at + WATCH_MIN_INTERVAL) => {}
+        }
+    }
+}
+
+/// The control service behind its access check: every call's method is classified
+/// ([`control_method_class`]) and the connection's peer credentials (tonic's
+/// [`UdsConnectInfo`], read with `SO_PEERCRED` at accept) must allow that class, else the
+/// call is answered PERMISSION_DENIED before any handler runs.
+#[derive(Clone, Debug)]
+pub struct Authorized<S> {
+    inner: S,
+    policy: Arc<AccessPolicy>,
+}
+
+impl<S> Authorized<S> {
+    pub fn new(inner: S, policy: AccessPolicy) -> Authorized<S> {
+        Authorized { inner, policy: Arc::new(policy) }
+    }
+}
+
+impl<S: NamedService> NamedService for Authorized<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Authorized<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+        let caller =
+            request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred).map(Caller::from);
+        let class = control_method_class(&method);
+        match self.policy.check(caller.as_ref(), class, &method) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(denied) => {
+                tracing::warn!(%method, caller = ?caller, "control call refused: {denied}");
+                let response = Status::permission_denied(denied.to_string()).into_http();
+                Box::pin(async move { Ok(response) })
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ pub mod peer;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +35,7 @@ use vfio_migd_proto::v1::peer_server::{PeerServer, SERVICE_NAME as PEER_SERVICE}
 pub use control::ControlService;
 pub use peer::PeerService;
 
+use crate::access::AccessPolicy;
 use crate::engine::Daemon;
 use crate::job::{Job, JobStatus};
 
@@ -76,12 +77,23 @@ pub enum ApiError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Binds a Unix socket for a local API: creates the parent directory, replaces a stale
-/// socket file (refusing to delete anything that is not a socket), sets mode 0660.
-pub(crate) fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+/// Binds a Unix socket for a local API: creates the parent directory (mode 0750, group
+/// `group`) if missing, replaces a stale socket (refusing to delete anything that is not a
+/// socket), sets mode 0660 and, with `group`, the socket's group. A directory that already
+/// exists (e.g. systemd's `RuntimeDirectory=`) keeps its owner and mode: the daemon never
+/// loosens or tightens a directory it did not create.
+pub(crate) fn bind_unix(path: &Path, group: Option<&str>) -> io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
+    let gid = group.map(resolve_group).transpose()?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(parent)?;
+        // The mode given to mkdir is masked by the umask: set it again.
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o750))?;
+        if gid.is_some() {
+            std::os::unix::fs::chown(parent, None, gid)?;
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -95,8 +107,26 @@ pub(crate) fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
+    if gid.is_some() {
+        std::os::unix::fs::chown(path, None, gid)?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
+}
+
+/// A `socket_group` value: a group name, or a number.
+fn resolve_group(group: &str) -> io::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(found)) => Ok(found.gid.as_raw()),
+        Ok(None) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("socket_group `{group}` is not a group of this host"),
+        )),
+        Err(e) => Err(io::Error::other(format!("cannot look up socket_group `{group}`: {e}"))),
+    }
 }
 
 /// Removes a socket file when the server stops, whatever the outcome.
@@ -169,12 +199,16 @@ impl ApiServer {
     /// listener (if any) named by the daemon's configuration. Health starts NOT_SERVING.
     pub async fn bind(daemon: Arc<Daemon>) -> Result<ApiServer, ApiError> {
         let config = &daemon.config;
-        let unix = |what, path: &Path| {
-            bind_unix(path).map_err(|source| ApiError::BindUnix { what, path: path.to_path_buf(), source })
+        let unix = |what, path: &Path, group: &Option<String>| {
+            bind_unix(path, group.as_deref()).map_err(|source| ApiError::BindUnix {
+                what,
+                path: path.to_path_buf(),
+                source,
+            })
         };
-        let control = unix("control", &config.control.socket)?;
+        let control = unix("control", &config.control.socket, &config.control.socket_group)?;
         let control_file = SocketFile(config.control.socket.clone());
-        let handoff = unix("handoff", &config.handoff.socket)?;
+        let handoff = unix("handoff", &config.handoff.socket, &config.handoff.socket_group)?;
         let handoff_file = SocketFile(config.handoff.socket.clone());
         let tcp = |what, addr| async move {
             TcpListener::bind(addr).await.map_err(|source| ApiError::BindTcp { what, addr, source })
@@ -229,11 +263,10 @@ impl ApiServer {
             .add_service(health())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(ControlServer::new(ControlService::new(
-                daemon.clone(),
-                shutdown.clone(),
-                readiness.clone(),
-            )))
+            .add_service(control::Authorized::new(
+                ControlServer::new(ControlService::new(daemon.clone(), shutdown.clone(), readiness.clone())),
+                AccessPolicy::for_this_process(daemon.config.control.access()),
+            ))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(control),
                 shutdown.clone().cancelled_owned(),

@@ -122,6 +122,41 @@ pub fn open_sim_device(
     }
 }
 
+/// Refuses a simulated device whose state is larger than `max_state_size`
+/// (`[simulator] max_state_size`): the simulator holds the whole state in memory, so an
+/// unbounded size from a socket would let any client exhaust the daemon's memory.
+pub fn check_sim_state_size(spec: &SimSpec, max_state_size: u64) -> Result<(), DeviceError> {
+    if spec.state_size > max_state_size {
+        return Err(DeviceError::os(&spec.name, Op::Open, Errno::EFBIG).with_detail(format!(
+            "simulated state_size {} bytes is more than simulator.max_state_size ({max_state_size} bytes)",
+            spec.state_size
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a simulated device that arrives from outside the daemon's configuration
+/// (RegisterDevice, the handoff socket) unless `[simulator] allow_remote` is set, and
+/// bounds its state size.
+pub fn check_remote_sim(
+    spec: &SimSpec,
+    simulator: &crate::config::SimulatorConfig,
+    via: &str,
+) -> Result<(), DeviceError> {
+    if !simulator.allow_remote {
+        return Err(DeviceError::os(&spec.name, Op::Open, Errno::EPERM).with_detail(format!(
+            "simulated devices are not accepted over {via} (set `[simulator] allow_remote = true` in \
+             the daemon's configuration for tests and demos)"
+        )));
+    }
+    if spec.arc_log.is_some() || !spec.faults.is_empty() {
+        return Err(DeviceError::os(&spec.name, Op::Open, Errno::EPERM).with_detail(
+            "`arc_log` and `faults` are accepted only for devices in the daemon's configuration file",
+        ));
+    }
+    check_sim_state_size(spec, simulator.max_state_size)
+}
+
 /// Opens whatever a `[[device]]` table of the configuration names (a simulated device on
 /// `sim_iommu`).
 pub fn open_configured(

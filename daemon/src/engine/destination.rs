@@ -130,18 +130,6 @@ impl IncomingJob {
     }
 }
 
-fn random_token() -> Vec<u8> {
-    let mut token = vec![0u8; 16];
-    // The token only binds data connections to this job; /dev/urandom never blocks.
-    if let Err(e) =
-        std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut token))
-    {
-        tracing::warn!(error = %e, "cannot read /dev/urandom; using a time-derived session token");
-        token.copy_from_slice(&crate::job::unix_ns().to_le_bytes().repeat(2));
-    }
-    token
-}
-
 impl Daemon {
     pub(crate) fn incoming_job(&self, job_id: &str) -> Result<Arc<IncomingJob>, EngineError> {
         lock(&self.incoming).get(job_id).cloned().ok_or_else(|| {
@@ -313,6 +301,7 @@ impl Daemon {
         *lock(&incoming.source_addr) = caller.addr.map(|a| a.ip());
         *lock(&incoming.devices) = devices.clone();
 
+        let token = crate::token::session_token().map_err(|e| EngineError::Internal(e.to_string()))?;
         // Open the data listener before touching devices: nothing to undo if it fails.
         let (receiver, data_port) = StreamReceiver::bind(listen_ip)
             .await
@@ -343,7 +332,6 @@ impl Daemon {
             return Err(EngineError::Aborted(message));
         }
 
-        let token = random_token();
         let progress = Arc::new(Progress::new(fds.len()));
         let opts = StreamOptions {
             connections: offer.data_connections.max(1),

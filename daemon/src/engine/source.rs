@@ -828,7 +828,7 @@ impl SourceRun {
                     // Not through `barrier`: its guard gives up on a cancel, and a cancel that
                     // raced the commit must not leave the devices in STOP_COPY.
                     let targets: Vec<_> = devices.iter().map(|d| (d.device.clone(), State::Stop)).collect();
-                    for ((device, target), r) in targets.iter().zip(super::transition_all(&targets).await) {
+                    for ((device, target), r) in targets.iter().zip(transition_all(&targets).await) {
                         match r {
                             Ok(_) => self.job.set_device_state(device.name(), *target),
                             Err(e) => tracing::warn!(job = %job_id, error = %e, "cleanup after commit failed; the destination runs"),

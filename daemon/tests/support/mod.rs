@@ -34,7 +34,7 @@ pub fn config_in(dir: &Path) -> Config {
     let text = format!(
         "state_dir = \"{0}/state\"\n[control]\nsocket = \"{0}/run/control.sock\"\n\
          [handoff]\nsocket = \"{0}/run/handoff.sock\"\n[peer]\nlisten = \"127.0.0.1:0\"\n\
-         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+         [metrics]\nlisten = \"127.0.0.1:0\"\n[simulator]\nallow_remote = true\n",
         dir.display()
     );
     Config::from_toml(&text, false).expect("test configuration")
@@ -43,8 +43,21 @@ pub fn config_in(dir: &Path) -> Config {
 impl TestDaemon {
     /// Binds and serves; health stays NOT_SERVING until `ready()`.
     pub async fn start_not_ready() -> TestDaemon {
+        TestDaemon::start_not_ready_with(|_| {}).await
+    }
+
+    /// Serving, with the test configuration changed by `edit` first.
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> TestDaemon {
+        let daemon = TestDaemon::start_not_ready_with(edit).await;
+        daemon.readiness.set_serving().await;
+        daemon
+    }
+
+    async fn start_not_ready_with(edit: impl FnOnce(&mut Config)) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let daemon = Daemon::new(config_in(dir.path()), Arc::new(Registry::default())).expect("daemon");
+        let mut config = config_in(dir.path());
+        edit(&mut config);
+        let daemon = Daemon::new(config, Arc::new(Registry::default())).expect("daemon");
         let server = ApiServer::bind(daemon.clone()).await.expect("bind");
         let readiness = server.readiness();
         let metrics = server.metrics_addr().expect("metrics are configured").expect("metrics address");
