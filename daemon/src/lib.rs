@@ -13,7 +13,9 @@
 //! - [`config`]: the TOML configuration;
 //! - [`api`]: the control and peer gRPC services and the listeners;
 //! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup;
+//! - [`reload`]: what SIGHUP changes live;
+//! - [`systemd`]: readiness, status, watchdog and stop notifications to systemd.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -26,7 +28,9 @@ pub mod handoff;
 pub mod job;
 pub mod peer_identity;
 pub mod registry;
+pub mod reload;
 pub mod stream;
+pub mod systemd;
 pub mod telemetry;
 #[allow(unsafe_code)]
 pub mod vfio;
