@@ -91,6 +91,10 @@ pub struct PeerConfig {
     /// Largest frame payload on the data connections.
     #[serde(default = "default_max_frame_payload")]
     pub max_frame_payload: usize,
+    /// Ports the destination's per-job data listener takes (`"49152-49215"`); unset: an
+    /// ephemeral port chosen by the kernel.
+    #[serde(default)]
+    pub data_ports: Option<crate::stream::ports::PortRange>,
 }
 
 impl Default for PeerConfig {
@@ -99,6 +103,7 @@ impl Default for PeerConfig {
             listen: default_peer_listen(),
             data_connections: default_data_connections(),
             max_frame_payload: default_max_frame_payload(),
+            data_ports: None,
         }
     }
 }

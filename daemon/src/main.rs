@@ -244,6 +244,10 @@ fn summary(config: &Config) -> String {
     line(format!("peer.listen               {}", config.peer.listen));
     line(format!("peer.data_connections     {}", config.peer.data_connections));
     line(format!("peer.max_frame_payload    {}", config.peer.max_frame_payload));
+    line(format!(
+        "peer.data_ports           {}",
+        config.peer.data_ports.map_or_else(|| "ephemeral".to_owned(), |range| range.to_string())
+    ));
     line(format!("state_dir                 {}", config.state_dir.display()));
     line(format!("migration.phase_timeout_ms {}", config.migration.phase_timeout_ms));
     line(format!("migration.pre_copy        {}", config.migration.pre_copy));
