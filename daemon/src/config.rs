@@ -24,6 +24,22 @@ pub enum ConfigError {
     },
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    #[error("environment variable {variable}={value:?}: {message}")]
+    Environment { variable: String, value: String, message: String },
+}
+
+/// The `VFIO_MIGD__…` variable behind a load error, if the error names a key (``for key
+/// `peer.listen` ``) that one of `vars` sets: the operator's mistake is in the environment
+/// (a unit file, a DaemonSet), not in the file.
+fn blamed_environment(
+    message: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Option<(String, String)> {
+    let quoted = message.split("for key ").nth(1)?;
+    let quote = quoted.chars().next().filter(|c| matches!(c, '\'' | '`'))?;
+    let key = quoted[1..].split(quote).next()?;
+    let variable = format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_ascii_uppercase());
+    vars.into_iter().find(|(name, _)| name.eq_ignore_ascii_case(&variable))
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -237,6 +253,38 @@ impl From<StreamFaultConfig> for StreamFault {
     }
 }
 
+#[cfg(test)]
+mod environment_tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_override_is_blamed_on_its_variable_with_its_value() {
+        let vars = || {
+            [
+                ("PATH".to_owned(), "/bin".to_owned()),
+                ("VFIO_MIGD__PEER__LISTEN".to_owned(), "garbage".to_owned()),
+            ]
+            .into_iter()
+        };
+        assert_eq!(
+            blamed_environment(
+                "invalid socket address syntax for key 'peer.listen' in the environment",
+                vars()
+            ),
+            Some(("VFIO_MIGD__PEER__LISTEN".to_owned(), "garbage".to_owned()))
+        );
+        assert_eq!(blamed_environment("invalid type for key 'metrics.listen'", vars()), None);
+        assert_eq!(blamed_environment("missing field `name`", vars()), None);
+        let shown = ConfigError::Environment {
+            variable: "VFIO_MIGD__PEER__LISTEN".into(),
+            value: "garbage".into(),
+            message: "invalid socket address syntax for key 'peer.listen'".into(),
+        }
+        .to_string();
+        assert!(shown.starts_with("environment variable VFIO_MIGD__PEER__LISTEN=\"garbage\": "), "{shown}");
+    }
+}
+
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/vfio-migd")
 }
@@ -292,8 +340,14 @@ impl Config {
             )
             .build()
             .map_err(|source| ConfigError::Load { path: shown.clone(), source })?;
-        let config: Config =
-            settings.try_deserialize().map_err(|source| ConfigError::Load { path: shown, source })?;
+        let config: Config = settings.try_deserialize().map_err(|source| {
+            match blamed_environment(&source.to_string(), std::env::vars()) {
+                Some((variable, value)) => {
+                    ConfigError::Environment { variable, value, message: source.to_string() }
+                }
+                None => ConfigError::Load { path: shown, source },
+            }
+        })?;
         config.validate(allow_test_faults)?;
         Ok(config)
     }

@@ -88,3 +88,21 @@ fn the_manifests_create_their_namespace_and_tolerate_taints() {
         assert!(ignore.lines().any(|l| l.trim_matches('/') == excluded), "{excluded} not ignored");
     }
 }
+
+#[test]
+fn a_bad_environment_override_names_the_variable_and_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-migd"))
+        .arg("--config")
+        .arg(&empty)
+        .arg("--check-config")
+        .env("VFIO_MIGD__PEER__LISTEN", "garbage")
+        .output()
+        .expect("run vfio-migd --check-config");
+    assert_eq!(checked.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(err.contains("VFIO_MIGD__PEER__LISTEN=\"garbage\""), "{err}");
+    assert!(!err.contains("empty.toml"), "the file is not to blame: {err}");
+}
