@@ -115,6 +115,18 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a shell completion script, e.g.
+    /// `vfio-migctl completions bash > /usr/share/bash-completion/completions/vfio-migctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vfio-migctl.1 and one per subcommand) into a directory.
+    Man {
+        /// Directory to write into (created if missing), e.g. /usr/share/man/man1.
+        #[arg(default_value = ".", value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,23 +161,24 @@ struct SimArgs {
     /// Simulate a device with these capabilities, e.g. STOP_COPY|P2P|PRE_COPY.
     #[arg(long, value_name = "CAPS")]
     sim: Option<String>,
-    /// Simulated device state size (bytes, or with KiB/MiB/GiB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB", requires = "sim")]
-    state_size: u64,
-    /// Simulated device model (part of its compatibility identity).
-    #[arg(long, default_value = "sim-device", requires = "sim")]
-    model: String,
-    /// Seed of the simulated device's state content.
-    #[arg(long, default_value_t = 0, requires = "sim")]
-    seed: u64,
+    /// Simulated device state size (bytes, or with KiB/MiB/GiB) [default: 1MiB]. Only with
+    /// --sim: a real device's state is its own.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "sim")]
+    state_size: Option<u64>,
+    /// Simulated device model (part of its compatibility identity) [default: sim-device].
+    #[arg(long, requires = "sim")]
+    model: Option<String>,
+    /// Seed of the simulated device's state content [default: 0].
+    #[arg(long, requires = "sim")]
+    seed: Option<u64>,
 }
 
 impl SimArgs {
     fn spec(&self) -> Option<pb::SimulatedDeviceSpec> {
         self.sim.as_ref().map(|caps| pb::SimulatedDeviceSpec {
-            model: self.model.clone(),
-            state_size: self.state_size,
-            seed: self.seed,
+            model: self.model.clone().unwrap_or_else(|| "sim-device".to_owned()),
+            state_size: self.state_size.unwrap_or(1 << 20),
+            seed: self.seed.unwrap_or(0),
             caps: caps.clone(),
         })
     }
@@ -416,7 +429,19 @@ impl From<Status> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Devices { action: Some(DevicesCmd::Register(args)) } = &cli.command
+        && args.sim.sim.is_none()
+        && (args.sim.state_size.is_some() || args.sim.model.is_some() || args.sim.seed.is_some())
+    {
+        eprintln!(
+            "vfio-migctl: --state-size, --model and --seed describe a simulated device and need --sim; \
+             a device opened with --cdev or --sysfs-device reports its own"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     let result = match cli.command {
+        Command::Completions { shell } => completions(shell),
+        Command::Man { ref dir } => man_pages(dir),
         Command::Handoff(ref args) => handoff(args, cli.json),
         Command::Demo { keep } => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => {
@@ -545,8 +570,36 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        Command::Health | Command::Handoff(_) | Command::Demo { .. } => unreachable_command(),
+        Command::Health
+        | Command::Handoff(_)
+        | Command::Demo { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => unreachable_command(),
     }
+}
+
+/// `vfio-migctl completions SHELL`: the script on stdout (a closed pipe is an error, not
+/// a panic).
+fn completions(shell: clap_complete::Shell) -> Result<u8, Failure> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vfio-migctl", &mut script);
+    std::io::stdout()
+        .write_all(&script)
+        .map_err(|e| Failure::new(EXIT_FAILURE, format!("cannot write the completion script: {e}")))?;
+    Ok(0)
+}
+
+/// `vfio-migctl man DIR`: one page for the command and one per subcommand
+/// (`vfio-migctl-jobs-show.1`, as git names its pages).
+fn man_pages(dir: &Path) -> Result<u8, Failure> {
+    let fail = |e: std::io::Error| {
+        Failure::new(EXIT_FAILURE, format!("cannot write man pages into {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let command = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(command, dir).map_err(fail)?;
+    Ok(0)
 }
 
 /// Commands dispatched before a control connection exists never reach [`run`]'s match.

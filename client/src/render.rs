@@ -13,9 +13,9 @@ pub fn status_name(status: pb::JobStatus) -> &'static str {
         pb::JobStatus::Unspecified => "unspecified",
         pb::JobStatus::Running => "running",
         pb::JobStatus::Succeeded => "succeeded",
-        pb::JobStatus::RolledBack => "rolled-back",
+        pb::JobStatus::RolledBack => "rolled_back",
         pb::JobStatus::Failed => "failed",
-        pb::JobStatus::InDoubt => "in-doubt",
+        pb::JobStatus::InDoubt => "in_doubt",
         pb::JobStatus::Cancelled => "cancelled",
     }
 }

@@ -228,7 +228,7 @@ async fn watch_ends_with_a_summary_and_the_outcome_as_exit_code() {
     assert_eq!(jobs.as_array().map(Vec::len), Some(5));
     let shown = migctl(&served.socket(), &["jobs", "show", "rb"]).await;
     assert_eq!(shown.status.code(), Some(0));
-    assert!(stdout(&shown).contains("rolled-back"));
+    assert!(stdout(&shown).contains("rolled_back"));
     served.stop().await;
 }
 
@@ -393,7 +393,7 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
     )
     .await;
     assert_eq!(refused.status.code(), Some(3), "{}{}", stdout(&refused), stderr(&refused));
-    assert!(stdout(&refused).contains("rolled-back"), "{}", stdout(&refused));
+    assert!(stdout(&refused).contains("rolled_back"), "{}", stdout(&refused));
     source.stop().await;
     destination.stop().await;
 }
@@ -566,4 +566,40 @@ async fn dirty_pages_go_to_a_file_as_json_lines() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
     assert_eq!(migctl(&socket, &["dirty", "stop", "vm1"]).await.status.code(), Some(0));
     served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_man_pages_are_generated() {
+    let nowhere = Path::new("/nonexistent/control.sock");
+    for (shell, marker) in
+        [("bash", "complete -F"), ("zsh", "#compdef vfio-migctl"), ("fish", "complete -c vfio-migctl")]
+    {
+        let output = migctl(nowhere, &["completions", shell]).await;
+        assert_eq!(output.status.code(), Some(0), "{shell}: {}", stderr(&output));
+        let script = stdout(&output);
+        assert!(script.contains(marker), "{shell}: no `{marker}`");
+        assert!(script.contains("migrate") && script.contains("job-id"), "{shell}: subcommands and flags");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let man = dir.path().join("man1");
+    let output = migctl(nowhere, &["man", man.to_str().unwrap()]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let page = std::fs::read_to_string(man.join("vfio-migctl.1")).expect("vfio-migctl.1");
+    assert!(page.starts_with(".ie") || page.contains(".TH vfio-migctl 1"), "{page}");
+    assert!(page.contains("Exit codes"), "the page carries the exit codes");
+    let migrate = std::fs::read_to_string(man.join("vfio-migctl-migrate.1")).expect("a page per subcommand");
+    assert!(migrate.contains("job\\-id"), "{migrate}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_device_options_without_sim_are_refused() {
+    let nowhere = Path::new("/nonexistent/control.sock");
+    let output = migctl(
+        nowhere,
+        &["devices", "register", "x", "--cdev", "/dev/vfio/devices/vfio0", "--state-size", "3000"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2));
+    let error = one_line_error(&output);
+    assert!(error.contains("--state-size") && error.contains("need --sim"), "{error}");
 }

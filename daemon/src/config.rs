@@ -24,6 +24,22 @@ pub enum ConfigError {
     },
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    #[error("environment variable {variable}={value:?}: {message}")]
+    Environment { variable: String, value: String, message: String },
+}
+
+/// The `VFIO_MIGD__…` variable behind a load error, if the error names a key (``for key
+/// `peer.listen` ``) that one of `vars` sets: the operator's mistake is in the environment
+/// (a unit file, a DaemonSet), not in the file.
+fn blamed_environment(
+    message: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Option<(String, String)> {
+    let quoted = message.split("for key ").nth(1)?;
+    let quote = quoted.chars().next().filter(|c| matches!(c, '\'' | '`'))?;
+    let key = quoted[1..].split(quote).next()?;
+    let variable = format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_ascii_uppercase());
+    vars.into_iter().find(|(name, _)| name.eq_ignore_ascii_case(&variable))
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -198,6 +214,10 @@ pub struct PeerConfig {
     /// Largest frame payload on the data connections.
     #[serde(default = "default_max_frame_payload")]
     pub max_frame_payload: usize,
+    /// Ports the destination's per-job data listener takes (`"49152-49215"`); unset: an
+    /// ephemeral port chosen by the kernel.
+    #[serde(default)]
+    pub data_ports: Option<crate::stream::ports::PortRange>,
 }
 
 impl Default for PeerConfig {
@@ -206,6 +226,7 @@ impl Default for PeerConfig {
             listen: default_peer_listen(),
             data_connections: default_data_connections(),
             max_frame_payload: default_max_frame_payload(),
+            data_ports: None,
         }
     }
 }
@@ -270,6 +291,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind")]
 pub enum DeviceConfig {
@@ -327,6 +357,38 @@ impl From<StreamFaultConfig> for StreamFault {
                 StreamFault::ReorderFrames { device, frame }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod environment_tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_override_is_blamed_on_its_variable_with_its_value() {
+        let vars = || {
+            [
+                ("PATH".to_owned(), "/bin".to_owned()),
+                ("VFIO_MIGD__PEER__LISTEN".to_owned(), "garbage".to_owned()),
+            ]
+            .into_iter()
+        };
+        assert_eq!(
+            blamed_environment(
+                "invalid socket address syntax for key 'peer.listen' in the environment",
+                vars()
+            ),
+            Some(("VFIO_MIGD__PEER__LISTEN".to_owned(), "garbage".to_owned()))
+        );
+        assert_eq!(blamed_environment("invalid type for key 'metrics.listen'", vars()), None);
+        assert_eq!(blamed_environment("missing field `name`", vars()), None);
+        let shown = ConfigError::Environment {
+            variable: "VFIO_MIGD__PEER__LISTEN".into(),
+            value: "garbage".into(),
+            message: "invalid socket address syntax for key 'peer.listen'".into(),
+        }
+        .to_string();
+        assert!(shown.starts_with("environment variable VFIO_MIGD__PEER__LISTEN=\"garbage\": "), "{shown}");
     }
 }
 
@@ -411,8 +473,14 @@ impl Config {
             )
             .build()
             .map_err(|source| ConfigError::Load { path: shown.clone(), source })?;
-        let config: Config =
-            settings.try_deserialize().map_err(|source| ConfigError::Load { path: shown, source })?;
+        let config: Config = settings.try_deserialize().map_err(|source| {
+            match blamed_environment(&source.to_string(), std::env::vars()) {
+                Some((variable, value)) => {
+                    ConfigError::Environment { variable, value, message: source.to_string() }
+                }
+                None => ConfigError::Load { path: shown, source },
+            }
+        })?;
         config.validate(allow_test_faults)?;
         Ok(config)
     }

@@ -15,7 +15,9 @@
 //! - [`api`]: the control and peer gRPC services and the listeners;
 //! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
 //! - [`telemetry`]: logging setup;
-//! - [`token`]: session tokens from the kernel's random generator.
+//! - [`token`]: session tokens from the kernel's random generator;
+//! - [`reload`]: what SIGHUP changes live;
+//! - [`systemd`]: readiness, status, watchdog and stop notifications to systemd.
 #![deny(unsafe_code)]
 
 pub mod access;
@@ -29,7 +31,9 @@ pub mod handoff;
 pub mod job;
 pub mod peer_identity;
 pub mod registry;
+pub mod reload;
 pub mod stream;
+pub mod systemd;
 pub mod telemetry;
 pub mod token;
 #[allow(unsafe_code)]

@@ -40,7 +40,10 @@ fn daemonset_overrides(pod_ip: &str) -> Vec<(String, String)> {
 fn the_daemonsets_environment_overrides_are_keys_the_daemon_takes() {
     let overrides = daemonset_overrides("10.1.2.3");
     let names: Vec<&str> = overrides.iter().map(|(name, _)| name.as_str()).collect();
-    assert_eq!(names, ["VFIO_MIGD__PEER__LISTEN", "VFIO_MIGD__METRICS__LISTEN"]);
+    assert_eq!(
+        names,
+        ["VFIO_MIGD__PEER__LISTEN", "VFIO_MIGD__METRICS__LISTEN", "VFIO_MIGD__PEER__DATA_PORTS"]
+    );
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config.example.toml");
     let checked = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-migd"))
         .args(["--config", example, "--check-config"])
@@ -49,7 +52,57 @@ fn the_daemonsets_environment_overrides_are_keys_the_daemon_takes() {
         .expect("run vfio-migd --check-config");
     let summary = String::from_utf8_lossy(&checked.stdout);
     assert!(checked.status.success(), "{}{summary}", String::from_utf8_lossy(&checked.stderr));
-    for line in ["peer.listen               10.1.2.3:7410", "metrics.listen            10.1.2.3:7411"] {
+    for line in [
+        "peer.listen               10.1.2.3:7410",
+        "metrics.listen            10.1.2.3:7411",
+        "peer.data_ports           49152-49215",
+    ] {
         assert!(summary.lines().any(|l| l == line), "missing `{line}` in:\n{summary}");
     }
+}
+
+#[test]
+fn the_data_port_range_is_the_same_in_every_deployment_file() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let read = |path: &str| std::fs::read_to_string(format!("{root}/{path}")).expect(path);
+    let daemonset = read("deploy/daemonset.yaml");
+    assert!(daemonset.contains("value: \"49152-49215\""), "DaemonSet sets the range");
+    assert!(daemonset.contains("port: 49152\n          endPort: 49215"), "NetworkPolicy admits the range");
+    assert!(read("deploy/Containerfile").contains("EXPOSE 7410 7411 49152-49215"));
+    assert!(read("deploy/config.example.toml").contains("# data_ports = \"49152-49215\""));
+    assert!(read("README.md").contains("data_ports"), "README documents the range");
+}
+
+#[test]
+fn the_manifests_create_their_namespace_and_tolerate_taints() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let manifest = std::fs::read_to_string(path).unwrap();
+    let documents: Vec<&str> = manifest.split("\n---\n").collect();
+    assert!(documents[0].contains("kind: Namespace") && documents[0].contains("name: vfio-migd"));
+    for effect in ["NoSchedule", "NoExecute"] {
+        assert!(manifest.contains(&format!("operator: Exists\n          effect: {effect}")), "{effect}");
+    }
+    let ignore =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.containerignore")).unwrap();
+    for excluded in ["target", ".git"] {
+        assert!(ignore.lines().any(|l| l.trim_matches('/') == excluded), "{excluded} not ignored");
+    }
+}
+
+#[test]
+fn a_bad_environment_override_names_the_variable_and_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-migd"))
+        .arg("--config")
+        .arg(&empty)
+        .arg("--check-config")
+        .env("VFIO_MIGD__PEER__LISTEN", "garbage")
+        .output()
+        .expect("run vfio-migd --check-config");
+    assert_eq!(checked.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(err.contains("VFIO_MIGD__PEER__LISTEN=\"garbage\""), "{err}");
+    assert!(!err.contains("empty.toml"), "the file is not to blame: {err}");
 }

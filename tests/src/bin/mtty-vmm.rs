@@ -590,7 +590,7 @@ impl Guest {
         };
         println!("# {tag}: source job error: {}", job["error"]);
         let mut passed = report.check(&format!("{tag}: migrate exits 3, job rolled back"), {
-            ensure(code == 3 && job["status"] == "rolled-back", || {
+            ensure(code == 3 && job["status"] == "rolled_back", || {
                 format!("exit {code}, status {}, error {}", job["status"], job["error"])
             })
         });
@@ -600,7 +600,7 @@ impl Guest {
                 println!("# {tag}: destination job error: {}", job["error"]);
                 let error = job["error"].as_str().unwrap_or_default();
                 let seen = phases(&job);
-                ensure(job["status"] == "rolled-back", || format!("status {}: {error}", job["status"]))?;
+                ensure(job["status"] == "rolled_back", || format!("status {}: {error}", job["status"]))?;
                 ensure(seen.iter().any(|p| p == "receiving") && seen.iter().any(|p| p == "reset"), || {
                     format!("phases {seen:?}")
                 })?;
