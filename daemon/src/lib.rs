@@ -13,7 +13,8 @@
 //! - [`config`]: the TOML configuration;
 //! - [`api`]: the control and peer gRPC services and the listeners;
 //! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup;
+//! - [`tls`]: mutual TLS between peer daemons (fleet CA, reloadable material).
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -28,5 +29,6 @@ pub mod peer_identity;
 pub mod registry;
 pub mod stream;
 pub mod telemetry;
+pub mod tls;
 #[allow(unsafe_code)]
 pub mod vfio;

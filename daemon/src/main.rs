@@ -60,6 +60,12 @@ fn main() -> ExitCode {
             eprintln!("vfio-migd: {e}");
             return ExitCode::from(2);
         }
+        if let Some(tls) = &config.peer.tls
+            && let Err(e) = vfio_migd::tls::load_material(tls)
+        {
+            eprintln!("vfio-migd: {e}");
+            return ExitCode::from(2);
+        }
         print!("{}", summary(&config));
         return ExitCode::SUCCESS;
     }
@@ -184,6 +190,16 @@ fn summary(config: &Config) -> String {
     line(format!("peer.listen               {}", config.peer.listen));
     line(format!("peer.data_connections     {}", config.peer.data_connections));
     line(format!("peer.max_frame_payload    {}", config.peer.max_frame_payload));
+    line(format!("peer.advertise            {}", config.peer.advertised()));
+    line(format!(
+        "peer.tls                  {}",
+        match &config.peer.tls {
+            Some(tls) => format!("cert {} ca {}", tls.cert.display(), tls.ca.display()),
+            None if config.peer.insecure_plaintext => "off (INSECURE plaintext allowed)".to_owned(),
+            None => "off (plaintext, loopback only)".to_owned(),
+        }
+    ));
+    line(format!("peer.limits.max_connections {}", config.peer.limits.max_connections));
     line(format!("state_dir                 {}", config.state_dir.display()));
     line(format!("migration.phase_timeout_ms {}", config.migration.phase_timeout_ms));
     line(format!("migration.pre_copy        {}", config.migration.pre_copy));
