@@ -567,3 +567,113 @@ async fn keepalives_carry_a_quiet_precopy_past_the_stall_timeout() {
     assert_eq!(sent.unwrap(), received.unwrap());
     assert_eq!(drainer.join().unwrap(), state(0, 10_000));
 }
+
+/// A fleet CA (rcgen) and `names.len()` members, each as the daemon loads `[peer.tls]`.
+fn fleet(names: &[&str]) -> (tempfile::TempDir, Vec<crate::tls::TlsMaterial>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(dir.path().join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let members = names
+        .iter()
+        .map(|name| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let paths = crate::tls::PeerTlsConfig {
+                cert: dir.path().join(format!("{name}.crt")),
+                key: dir.path().join(format!("{name}.key")),
+                ca: dir.path().join("ca.crt"),
+            };
+            std::fs::write(&paths.cert, cert.pem()).unwrap();
+            std::fs::write(&paths.key, key.serialize_pem()).unwrap();
+            crate::tls::load_material(&paths).unwrap()
+        })
+        .collect();
+    (dir, members)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_only_the_jobs_source_gets_in_and_a_stranger_learns_nothing() {
+    let (_dir, members) = fleet(&["src.fleet", "dst.fleet", "third.fleet"]);
+    let [src, dst, third] = &members[..] else { unreachable!() };
+    let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
+    let (fd, drainer) = sink();
+    let guard = DataGuard {
+        tls: Some(dst.server.clone()),
+        admit: Arc::new(|who: &crate::peer_identity::PeerIdentity| who.is("src.fleet")),
+    };
+    let handle =
+        receiver.start_guarded(guard, preamble(), vec![(0, fd)], options(1), Arc::new(Progress::new(1)));
+    let addr = SocketAddr::new(LOOPBACK, port);
+    let dst_name = crate::tls::server_name("dst.fleet:1", "").unwrap();
+
+    // A fleet member that is not the job's source, even with the right job and token.
+    let stranger = StreamSender::connect_tls(
+        addr,
+        Some((third.client.clone(), dst_name.clone())),
+        preamble(),
+        options(1),
+        1,
+        Arc::new(Progress::new(1)),
+    )
+    .await;
+    let Err(StreamError::Refused { reason, .. }) = stranger else { panic!("the stranger was not refused") };
+    assert!(!reason.contains("job-7") && !reason.contains("src.fleet"), "{reason}");
+    // A plaintext client gets no TLS session, hence nothing.
+    let plain = StreamSender::connect(addr, preamble(), options(1), 1, Arc::new(Progress::new(1))).await;
+    assert!(plain.is_err(), "a plaintext client must be refused by a TLS data port");
+
+    let bytes = state(0, 3 * MIB + 5);
+    let sender = StreamSender::connect_tls(
+        addr,
+        Some((src.client.clone(), dst_name)),
+        preamble(),
+        options(1),
+        1,
+        Arc::new(Progress::new(1)),
+    )
+    .await
+    .expect("the job's source is admitted");
+    sender.add_device(0, source(bytes.clone()), Switchover::stop_copy()).unwrap();
+    let (sent, received) = within_safety_net(async { tokio::join!(sender.finish(), handle.wait()) }).await;
+    assert_eq!(sent.unwrap(), received.unwrap());
+    assert!(drainer.join().unwrap() == bytes, "the device state arrived intact over TLS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncating_fault_reads_the_same_over_tls() {
+    let (_dir, members) = fleet(&["src.fleet", "dst.fleet"]);
+    let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
+    let (fd, _drainer) = sink();
+    let guard = DataGuard { tls: Some(members[1].server.clone()), admit: Arc::new(|_| true) };
+    let fault = StreamFault::Truncate { device: 0, frame: 1 };
+    let opts = StreamOptions { max_payload: 4096, fault: Some(fault), ..options(1) };
+    let handle =
+        receiver.start_guarded(guard, preamble(), vec![(0, fd)], opts.clone(), Arc::new(Progress::new(1)));
+    let name = crate::tls::server_name("dst.fleet:1", "").unwrap();
+    let sender = StreamSender::connect_tls(
+        SocketAddr::new(LOOPBACK, port),
+        Some((members[0].client.clone(), name)),
+        preamble(),
+        opts,
+        1,
+        Arc::new(Progress::new(1)),
+    )
+    .await
+    .unwrap();
+    sender.add_device(0, source(state(0, 64 << 10)), Switchover::stop_copy()).unwrap();
+    let (_, received) = within_safety_net(async { tokio::join!(sender.finish(), handle.wait()) }).await;
+    let err = received.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StreamError::Truncated { at: Truncation::InPayload { device: 0, sequence: 1, .. }, .. }
+        ),
+        "{err}"
+    );
+}
