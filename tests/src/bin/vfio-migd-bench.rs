@@ -337,6 +337,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// A throw-away fleet CA and one certificate (rcgen) for both ends of the TLS stream,
+/// loaded the way the daemon loads `[peer.tls]`.
+fn bench_tls() -> Result<BenchTls, BenchError> {
+    let failed = |e: &dyn std::fmt::Display| BenchError::Tls(e.to_string());
+    let dir = tempfile::tempdir().map_err(|e| failed(&e))?;
+    let ca_key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| failed(&e))?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).map_err(|e| failed(&e))?.pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
+    let leaf = rcgen::CertificateParams::new(vec!["bench.vfio-migd".to_owned()]).map_err(|e| failed(&e))?;
+    let cert_pem = leaf.signed_by(&key, &issuer).map_err(|e| failed(&e))?.pem();
+    let paths = vfio_migd::tls::PeerTlsConfig {
+        cert: dir.path().join("bench.crt"),
+        key: dir.path().join("bench.key"),
+        ca: dir.path().join("ca.crt"),
+    };
+    for (path, pem) in [(&paths.cert, cert_pem), (&paths.key, key.serialize_pem()), (&paths.ca, ca_pem)] {
+        std::fs::write(path, pem).map_err(|e| failed(&e))?;
+    }
+    let material = vfio_migd::tls::load_material(&paths).map_err(|e| failed(&e))?;
+    let name = vfio_migd::tls::server_name("bench.vfio-migd:0", "").map_err(|e| failed(&e))?;
+    Ok(BenchTls { server: material.server, client: material.client, name })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,30 +419,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// A throw-away fleet CA and one certificate (rcgen) for both ends of the TLS stream,
-/// loaded the way the daemon loads `[peer.tls]`.
-fn bench_tls() -> Result<BenchTls, BenchError> {
-    let failed = |e: &dyn std::fmt::Display| BenchError::Tls(e.to_string());
-    let dir = tempfile::tempdir().map_err(|e| failed(&e))?;
-    let ca_key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| failed(&e))?;
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_pem = ca.self_signed(&ca_key).map_err(|e| failed(&e))?.pem();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
-    let leaf = rcgen::CertificateParams::new(vec!["bench.vfio-migd".to_owned()]).map_err(|e| failed(&e))?;
-    let cert_pem = leaf.signed_by(&key, &issuer).map_err(|e| failed(&e))?.pem();
-    let paths = vfio_migd::tls::PeerTlsConfig {
-        cert: dir.path().join("bench.crt"),
-        key: dir.path().join("bench.key"),
-        ca: dir.path().join("ca.crt"),
-    };
-    for (path, pem) in [(&paths.cert, cert_pem), (&paths.key, key.serialize_pem()), (&paths.ca, ca_pem)] {
-        std::fs::write(path, pem).map_err(|e| failed(&e))?;
-    }
-    let material = vfio_migd::tls::load_material(&paths).map_err(|e| failed(&e))?;
-    let name = vfio_migd::tls::server_name("bench.vfio-migd:0", "").map_err(|e| failed(&e))?;
-    Ok(BenchTls { server: material.server, client: material.client, name })
 }
