@@ -106,6 +106,10 @@ pub struct PeerConfig {
     /// `[peer.limits]`: bounds on what peers may hold on this daemon.
     #[serde(default)]
     pub limits: PeerLimits,
+    /// Ports the destination's per-job data listener takes (`"49152-49215"`); unset: an
+    /// ephemeral port chosen by the kernel.
+    #[serde(default)]
+    pub data_ports: Option<crate::stream::ports::PortRange>,
 }
 
 impl Default for PeerConfig {
@@ -118,6 +122,7 @@ impl Default for PeerConfig {
             insecure_plaintext: false,
             tls: None,
             limits: PeerLimits::default(),
+            data_ports: None,
         }
     }
 }
@@ -244,6 +249,15 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

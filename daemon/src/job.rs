@@ -287,7 +287,7 @@ impl Job {
             s.phases.push(PhaseTime { phase, started_unix_ns: unix_ns(), started: now, duration: None });
         });
         let s = self.snapshot();
-        tracing::info!(job = %s.job_id, role = ?s.role, phase = %phase, "phase");
+        tracing::info!(job = %s.job_id, role = s.role.as_str(), phase = %phase, "phase");
     }
 
     pub fn set_device_state(&self, name: &str, state: State) {
@@ -320,9 +320,9 @@ impl Job {
         });
         let s = self.snapshot();
         match &s.error {
-            Some(e) => tracing::warn!(job = %s.job_id, status = ?status, error = %e, "job ended"),
+            Some(e) => tracing::warn!(job = %s.job_id, status = status.as_str(), error = %e, "job ended"),
             None => {
-                tracing::info!(job = %s.job_id, status = ?status, downtime_ms = s.downtime.map(|d| d.as_secs_f64() * 1e3), "job ended")
+                tracing::info!(job = %s.job_id, status = status.as_str(), downtime_ms = s.downtime.map(|d| d.as_secs_f64() * 1e3), "job ended")
             }
         }
     }

@@ -14,7 +14,9 @@
 //! - [`api`]: the control and peer gRPC services and the listeners;
 //! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
 //! - [`telemetry`]: logging setup;
-//! - [`tls`]: mutual TLS between peer daemons (fleet CA, reloadable material).
+//! - [`tls`]: mutual TLS between peer daemons (fleet CA, reloadable material);
+//! - [`reload`]: what SIGHUP changes live;
+//! - [`systemd`]: readiness, status, watchdog and stop notifications to systemd.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -27,7 +29,9 @@ pub mod handoff;
 pub mod job;
 pub mod peer_identity;
 pub mod registry;
+pub mod reload;
 pub mod stream;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 #[allow(unsafe_code)]

@@ -1,6 +1,7 @@
 //! `vfio-migd`: the daemon. Loads the configuration, opens the configured devices, serves
 //! the control socket, the fd handoff socket, the peer listener and (when configured) the
-//! metrics listener until SIGTERM/SIGINT.
+//! metrics listener until SIGTERM/SIGINT. SIGHUP reads the configuration again and puts
+//! in force what can change live (see `vfio_migd::reload`).
 //!
 //! Exit codes: 0 after a clean stop, 1 when the daemon fails while starting or running,
 //! 2 for a bad command line or configuration.
@@ -20,6 +21,9 @@ use vfio_migd::config::{Config, DEFAULT_CONFIG_PATH, DeviceConfig};
 use vfio_migd::device::open::open_all_configured;
 use vfio_migd::engine::Daemon;
 use vfio_migd::registry::Registry;
+use vfio_migd::reload::{Outcome, Reloader, RestartOnly};
+use vfio_migd::systemd;
+use vfio_migd::telemetry::LogHandle;
 
 /// How long a stop waits for running jobs to end on their own, then for the cancelled
 /// ones to roll back; together below the unit's TimeoutStopSec (330 s).
@@ -69,10 +73,13 @@ fn main() -> ExitCode {
         print!("{}", summary(&config));
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = vfio_migd::telemetry::init(&config.log) {
-        eprintln!("vfio-migd: {e}");
-        return ExitCode::from(2);
-    }
+    let log = match vfio_migd::telemetry::init(&config.log) {
+        Ok(log) => Arc::new(log),
+        Err(e) => {
+            eprintln!("vfio-migd: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("vfio-migd").build() {
             Ok(runtime) => runtime,
@@ -81,20 +88,35 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, &args, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The subscriber writes to stderr: this is the one line the operator sees.
-            tracing::error!("{e:#}");
+            // The subscriber writes to stderr: this is the one line the operator sees, so
+            // it is printed even where the log filter would hide errors (`level = "off"`).
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("vfio-migd: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, args: &Args, log: Arc<LogHandle>) -> anyhow::Result<()> {
+    // Before anything else: SIGHUP's default action would kill the daemon.
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let reloader = Reloader::default();
+    reloader.register(log);
+    reloader.register(Arc::new(RestartOnly::new(config.clone())));
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create the state directory {}", config.state_dir.display()))?;
     let daemon = Daemon::new(config, Arc::new(Registry::default())).context("cannot start the engine")?;
+    if let Some(tls) = &daemon.tls {
+        reloader.register(tls.clone());
+    }
     let server = ApiServer::bind(daemon.clone()).await?;
     let readiness = server.readiness();
     tracing::info!(
@@ -111,6 +133,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     let mut serving = tokio::spawn(server.run(shutdown.clone()));
+    let mode = systemd::Mode::new("starting: opening devices");
+    let background = CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+    tokio::spawn(systemd::publish_status(daemon.clone(), mode.clone(), background.clone()));
+    if let Some(period) = systemd::watchdog_period() {
+        tokio::spawn(systemd::watchdog(daemon.clone(), period, background.clone()));
+    }
 
     let opened = {
         let daemon = daemon.clone();
@@ -128,39 +157,73 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%device, "device opened");
     }
     readiness.set_serving().await;
-    let status = format!("serving; {} device(s) open", found.len());
-    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]) {
-        tracing::warn!(error = %e, "cannot notify systemd of readiness");
-    }
-    tracing::info!("{status}");
+    mode.set("serving");
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&systemd::status_line("serving", &daemon))]);
+    tracing::info!(devices = found.len(), "serving");
 
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
-        ended = &mut serving => {
-            return match ended {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the servers stopped on their own")),
-                Ok(Err(e)) => Err(e.into()),
-                Err(join) => Err(anyhow::anyhow!("server task failed: {join}")),
-            };
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sighup.recv() => reload(args, &reloader, &mode, &daemon),
+            ended = &mut serving => {
+                return match ended {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the servers stopped on their own")),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(join) => Err(anyhow::anyhow!("server task failed: {join}")),
+                };
+            }
         }
     }
     readiness.drain().await;
-    let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping: running jobs end")]);
+    mode.set("stopping: running jobs end");
+    systemd::notify(&[NotifyState::Stopping]);
     // The listeners keep serving while jobs end: a destination needs its peer API until
-    // the commit. A second signal stops at once.
-    tokio::select! {
-        left = drain_jobs(&daemon, JOBS_FINISH, JOBS_ROLL_BACK) => {
-            if left > 0 {
-                tracing::warn!(jobs = left, "stopping with jobs still running");
+    // the commit. A second signal stops at once. The drain is bounded (JOBS_FINISH +
+    // JOBS_ROLL_BACK); meanwhile systemd's stop timeout is pushed ahead so a unit with a
+    // shorter TimeoutStopSec does not kill a migration in its blackout.
+    let drained = drain_jobs(&daemon, JOBS_FINISH, JOBS_ROLL_BACK);
+    tokio::pin!(drained);
+    let mut extend = tokio::time::interval(systemd::STOP_EXTEND_EVERY);
+    loop {
+        tokio::select! {
+            left = &mut drained => {
+                if left > 0 {
+                    tracing::warn!(jobs = left, "stopping with jobs still running");
+                }
+                break;
             }
+            _ = extend.tick() => systemd::extend_stop_timeout(),
+            _ = sigterm.recv() => { tracing::warn!("second SIGTERM: stopping without waiting for jobs"); break; }
+            _ = sigint.recv() => { tracing::warn!("second SIGINT: stopping without waiting for jobs"); break; }
         }
-        _ = sigterm.recv() => tracing::warn!("second SIGTERM: stopping without waiting for jobs"),
-        _ = sigint.recv() => tracing::warn!("second SIGINT: stopping without waiting for jobs"),
     }
     stop(shutdown, serving, Ok(())).await
+}
+
+/// SIGHUP: reads the configuration again and offers it to every reloadable part; logs what
+/// each one put in force or why it refused. A configuration that does not load changes
+/// nothing.
+fn reload(args: &Args, reloader: &Reloader, mode: &systemd::Mode, daemon: &vfio_migd::engine::Daemon) {
+    systemd::notify_reloading();
+    mode.set("reloading");
+    tracing::info!("SIGHUP: reloading the configuration");
+    match Config::load(args.config.as_deref(), args.allow_test_faults) {
+        Err(e) => tracing::error!(error = %e, "reload refused: the running configuration stays"),
+        Ok(new) => {
+            for (part, outcome) in reloader.reload(&new) {
+                match outcome {
+                    Outcome::Reloaded(changes) => {
+                        tracing::info!(part, changes = %changes.join("; "), "reloaded");
+                    }
+                    Outcome::Unchanged => tracing::debug!(part, "unchanged"),
+                    Outcome::Refused(why) => tracing::warn!(part, reason = %why, "reload refused"),
+                }
+            }
+        }
+    }
+    mode.set("serving");
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&systemd::status_line("serving", daemon))]);
 }
 
 /// Stops the servers (their socket files are removed) and returns `outcome`, or the
@@ -200,6 +263,10 @@ fn summary(config: &Config) -> String {
         }
     ));
     line(format!("peer.limits.max_connections {}", config.peer.limits.max_connections));
+    line(format!(
+        "peer.data_ports           {}",
+        config.peer.data_ports.map_or_else(|| "ephemeral".to_owned(), |range| range.to_string())
+    ));
     line(format!("state_dir                 {}", config.state_dir.display()));
     line(format!("migration.phase_timeout_ms {}", config.migration.phase_timeout_ms));
     line(format!("migration.pre_copy        {}", config.migration.pre_copy));

@@ -359,3 +359,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// SIGHUP: the files at the configured paths are read again (new connections use them,
+/// running jobs keep their sessions). Other paths need a restart.
+impl crate::reload::Reloadable for PeerTls {
+    fn name(&self) -> &'static str {
+        "tls"
+    }
+
+    fn reload(&self, new: &crate::config::Config) -> crate::reload::Outcome {
+        use crate::reload::Outcome;
+        if new.peer.tls.as_ref() != Some(&self.paths) {
+            return Outcome::Refused("[peer.tls] paths change only with a restart".to_owned());
+        }
+        match PeerTls::reload(self) {
+            Ok(()) => Outcome::Reloaded(vec![format!(
+                "peer certificate {}, key and CA re-read for new connections",
+                self.paths.cert.display()
+            )]),
+            Err(e) => Outcome::Refused(e.to_string()),
+        }
+    }
+}

@@ -569,6 +569,7 @@ async fn metrics_are_served_over_http_for_prometheus() {
     ] {
         assert!(body.contains(expected), "missing `{expected}` in:\n{body}");
     }
+    promtool_check_metrics(&body);
     let (head, _) = http(daemon.metrics, "GET", "/").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     let (head, _) = http(daemon.metrics, "POST", "/metrics").await;
@@ -578,4 +579,40 @@ async fn metrics_are_served_over_http_for_prometheus() {
     let metrics = daemon.metrics;
     daemon.stop().await.unwrap();
     assert!(tokio::net::TcpStream::connect(metrics).await.is_err(), "the listener closes with the daemon");
+}
+
+/// `promtool check metrics` (Debian package `prometheus`) on a scrape: the format and
+/// Prometheus' naming lints (counters end in `_total`, units in names). Skipped where
+/// promtool is not installed, except in CI (`CI=true`), whose `.ci/run` installs it.
+fn promtool_check_metrics(scrape: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let spawned = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "promtool is missing in CI: .ci/run installs it (apt-get install prometheus)"
+            );
+            eprintln!(
+                "SKIPPED promtool check: promtool is not installed (Debian: apt-get install prometheus)"
+            );
+            return;
+        }
+        Err(e) => panic!("cannot run promtool: {e}"),
+    };
+    child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics refused the scrape:\n{}{}\n{scrape}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

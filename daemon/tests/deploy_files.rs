@@ -58,7 +58,8 @@ fn the_daemonsets_environment_overrides_are_keys_the_daemon_takes() {
             "VFIO_MIGD__PEER__TLS__CERT",
             "VFIO_MIGD__PEER__TLS__KEY",
             "VFIO_MIGD__PEER__TLS__CA",
-            "VFIO_MIGD__METRICS__LISTEN"
+            "VFIO_MIGD__METRICS__LISTEN",
+            "VFIO_MIGD__PEER__DATA_PORTS"
         ]
     );
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config.example.toml");
@@ -73,6 +74,7 @@ fn the_daemonsets_environment_overrides_are_keys_the_daemon_takes() {
         "peer.listen               10.1.2.3:7410",
         "metrics.listen            10.1.2.3:7411",
         &format!("peer.tls                  cert {0}/tls.crt ca {0}/ca.crt", tls_dir.path().display()),
+        "peer.data_ports           49152-49215",
     ] {
         assert!(summary.lines().any(|l| l == line), "missing `{line}` in:\n{summary}");
     }
@@ -106,4 +108,32 @@ fn the_test_certificate_script_makes_a_fleet_the_daemon_accepts() {
     let mixed = vfio_migd::tls::PeerTlsConfig { key: config("127.0.0.1").key, ..config("node-a.example") };
     let err = vfio_migd::tls::load_material(&mixed).unwrap_err().to_string();
     assert!(err.contains("node-a.example.crt") && err.contains("127.0.0.1.key"), "{err}");
+}
+
+#[test]
+fn the_data_port_range_is_the_same_in_every_deployment_file() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let read = |path: &str| std::fs::read_to_string(format!("{root}/{path}")).expect(path);
+    let daemonset = read("deploy/daemonset.yaml");
+    assert!(daemonset.contains("value: \"49152-49215\""), "DaemonSet sets the range");
+    assert!(daemonset.contains("port: 49152\n          endPort: 49215"), "NetworkPolicy admits the range");
+    assert!(read("deploy/Containerfile").contains("EXPOSE 7410 7411 49152-49215"));
+    assert!(read("deploy/config.example.toml").contains("# data_ports = \"49152-49215\""));
+    assert!(read("README.md").contains("data_ports"), "README documents the range");
+}
+
+#[test]
+fn the_manifests_create_their_namespace_and_tolerate_taints() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let manifest = std::fs::read_to_string(path).unwrap();
+    let documents: Vec<&str> = manifest.split("\n---\n").collect();
+    assert!(documents[0].contains("kind: Namespace") && documents[0].contains("name: vfio-migd"));
+    for effect in ["NoSchedule", "NoExecute"] {
+        assert!(manifest.contains(&format!("operator: Exists\n          effect: {effect}")), "{effect}");
+    }
+    let ignore =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.containerignore")).unwrap();
+    for excluded in ["target", ".git"] {
+        assert!(ignore.lines().any(|l| l.trim_matches('/') == excluded), "{excluded} not ignored");
+    }
 }

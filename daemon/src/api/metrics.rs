@@ -5,10 +5,21 @@
 //!
 //! Every value is read from the daemon's tables as they are: a scrape never waits for a
 //! device, a migration step or a dirty report round.
+//!
+//! Bytes moved are counted while jobs run: each scrape adds what every job moved since
+//! the previous scrape to the counter of the job's role and its phase at that scrape
+//! ([`ByteCounters`]), so a scrape in the middle of a migration shows the bytes moving and
+//! the counter never goes down when a job ends. The phase is the one the job is in when
+//! the scrape sees the bytes: with a scrape interval longer than a phase, bytes land in a
+//! later phase. Bytes a job moved after the last scrape that saw it, and before the table
+//! forgot it (`migration.retained_jobs`), are not counted.
+//!
+//! `process_*` figures follow Prometheus' client conventions and come from `/proc/self`.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::Daemon;
 use crate::engine::dirty::DeviceCoverage;
-use crate::job::{DOWNTIME_BUCKETS, JobStatus, Role};
+use crate::job::{DOWNTIME_BUCKETS, JobStatus, Phase, Role};
 
 /// The text exposition format's media type.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -35,6 +46,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves `GET /metrics` on `listener` until `shutdown`; open connections finish the
 /// request they are on.
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, shutdown: CancellationToken) {
+    let bytes = Arc::new(ByteCounters::default());
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -50,9 +62,10 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, shutdown: Cancell
         };
         let daemon = daemon.clone();
         let shutdown = shutdown.clone();
+        let bytes = bytes.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = respond(&daemon, &request);
+                let response = respond(&daemon, &bytes, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = http1::Builder::new()
@@ -74,7 +87,7 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, shutdown: Cancell
     }
 }
 
-fn respond(daemon: &Daemon, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(daemon: &Daemon, bytes: &ByteCounters, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let reply = |status, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -88,14 +101,47 @@ fn respond(daemon: &Daemon, request: &Request<Incoming>) -> Response<Full<Bytes>
         response.headers_mut().insert(ALLOW, "GET, HEAD".parse().expect("a valid header value"));
         return response;
     }
-    let mut response = reply(StatusCode::OK, render(daemon));
+    let mut response = reply(StatusCode::OK, render(daemon, bytes));
     response.headers_mut().insert(CONTENT_TYPE, CONTENT_TYPE_TEXT.parse().expect("a valid header value"));
     response
 }
 
+/// Device-state bytes moved, by role and phase, counted as scrapes see jobs progress.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    inner: Mutex<ByteCountersInner>,
+}
+
+#[derive(Debug, Default)]
+struct ByteCountersInner {
+    /// What each job in the table had moved at the previous scrape.
+    seen: HashMap<String, u64>,
+    moved: BTreeMap<(Role, Phase), u64>,
+}
+
+impl ByteCounters {
+    /// Adds what every job moved since the previous call; returns the counters.
+    pub fn update(&self, daemon: &Daemon) -> BTreeMap<(Role, Phase), u64> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let ByteCountersInner { seen, moved } = &mut *inner;
+        let mut still_listed = HashMap::new();
+        for job in daemon.jobs.list() {
+            let snapshot = job.snapshot();
+            let done = snapshot.bytes_done();
+            let before = seen.get(&snapshot.job_id).copied().unwrap_or(0);
+            // A job's byte count only grows; if it ever went back, count nothing.
+            *moved.entry((snapshot.role, snapshot.phase)).or_default() += done.saturating_sub(before);
+            still_listed.insert(snapshot.job_id, done.max(before));
+        }
+        *seen = still_listed;
+        moved.clone()
+    }
+}
+
 /// The daemon's metrics in the Prometheus text format.
-pub fn render(daemon: &Daemon) -> String {
+pub fn render(daemon: &Daemon, bytes: &ByteCounters) -> String {
     let mut out = Metrics::default();
+    process_metrics(&mut out);
 
     out.family("vfio_migd_build_info", "gauge", "The running vfio-migd's version.");
     out.sample("vfio_migd_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
@@ -145,10 +191,15 @@ pub fn render(daemon: &Daemon) -> String {
     out.family(
         "vfio_migd_migrated_bytes_total",
         "counter",
-        "Device-state bytes moved by the jobs ended since the daemon started, by role.",
+        "Device-state bytes moved since the daemon started, by role and by the phase the job \
+         was in when a scrape saw them (counted while jobs run).",
     );
-    for (role, bytes) in &totals.bytes {
-        out.sample("vfio_migd_migrated_bytes_total", &[("role", role.as_str())], bytes);
+    for ((role, phase), moved) in bytes.update(daemon) {
+        out.sample(
+            "vfio_migd_migrated_bytes_total",
+            &[("role", role.as_str()), ("phase", phase.as_str())],
+            moved,
+        );
     }
     out.family(
         "vfio_migd_downtime_seconds",
@@ -183,24 +234,28 @@ pub fn render(daemon: &Daemon) -> String {
             out.sample("vfio_migd_dirty_tracking_covered", &labels, u8::from(device.source != "none"));
         }
     }
+    // Counters that start again from zero when a group's tracking is started again
+    // (Prometheus' rate() takes that as a counter reset).
     let per_device: [(&str, &str, DeviceFigure); 3] = [
-        ("vfio_migd_dirty_pages", "Dirty pages a device's source reported since tracking started.", |d| {
-            d.dirty_pages
-        }),
         (
-            "vfio_migd_dirty_reports",
+            "vfio_migd_dirty_pages_total",
+            "Dirty pages a device's source reported since tracking started.",
+            |d| d.dirty_pages,
+        ),
+        (
+            "vfio_migd_dirty_reports_total",
             "Dirty reports read from a device's source since tracking started.",
             |d| d.reports,
         ),
         (
-            "vfio_migd_dirty_report_errors",
+            "vfio_migd_dirty_report_errors_total",
             "Failed dirty reports of a device's source since tracking started (each one marks the \
              source's whole range dirty).",
             |d| d.report_errors,
         ),
     ];
     for (name, help, value) in per_device {
-        out.family(name, "gauge", help);
+        out.family(name, "counter", help);
         for status in &tracked {
             for device in &status.devices {
                 out.sample(name, &[("group", &status.group), ("device", &device.device)], value(device));
@@ -208,6 +263,80 @@ pub fn render(daemon: &Daemon) -> String {
         }
     }
     out.text
+}
+
+/// The standard `process_*` metrics of Prometheus' client libraries, from `/proc/self`
+/// (proc(5)). A figure that cannot be read is left out rather than shown as zero.
+fn process_metrics(out: &mut Metrics) {
+    let stat = ProcessStat::read();
+    if let Some(stat) = &stat {
+        out.family("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.");
+        out.sample("process_cpu_seconds_total", &[], stat.cpu_seconds);
+    }
+    if let Some(rss) = resident_bytes() {
+        out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+        out.sample("process_resident_memory_bytes", &[], rss);
+    }
+    if let Some(stat) = &stat {
+        out.family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
+        out.sample("process_virtual_memory_bytes", &[], stat.virtual_bytes);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        out.family("process_open_fds", "gauge", "Number of open file descriptors.");
+        out.sample("process_open_fds", &[], fds.count());
+    }
+    if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        out.family("process_max_fds", "gauge", "Maximum number of open file descriptors.");
+        out.sample("process_max_fds", &[], soft);
+    }
+    if let Some(stat) = &stat {
+        if let Some(start) = stat.start_time_seconds {
+            out.family(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+            );
+            out.sample("process_start_time_seconds", &[], start);
+        }
+        out.family("process_threads", "gauge", "Number of OS threads in the process.");
+        out.sample("process_threads", &[], stat.threads);
+    }
+}
+
+/// What `/proc/self/stat` says about the process.
+struct ProcessStat {
+    cpu_seconds: f64,
+    virtual_bytes: u64,
+    threads: u64,
+    start_time_seconds: Option<f64>,
+}
+
+impl ProcessStat {
+    fn read() -> Option<ProcessStat> {
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name is in parentheses and may hold spaces: fields count from the
+        // last ')'; the first after it is field 3 (state).
+        let rest = &text[text.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+        let ticks = rustix::param::clock_ticks_per_second() as f64;
+        let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+            stat.lines().find_map(|line| line.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        });
+        Some(ProcessStat {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            threads: field(20)?,
+            start_time_seconds: boot_time.and_then(|boot| Some(boot as f64 + field(22)? as f64 / ticks)),
+            virtual_bytes: field(23)?,
+        })
+    }
+}
+
+/// Resident set size: `/proc/self/statm`'s second field, in pages.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
 }
 
 /// One figure of a tracked device's statistics.
@@ -292,6 +421,34 @@ mod tests {
         text.lines().filter(|line| !line.starts_with('#')).collect()
     }
 
+    #[test]
+    fn bytes_move_while_a_job_runs_and_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = daemon(dir.path());
+        let bytes = ByteCounters::default();
+        let job = Job::new("live", Role::Source, "vm \"1\"", "", vec![("nic0".into(), "dst-nic0".into())]);
+        daemon.jobs.insert_or_get(job.clone());
+        let counter = job.counters("nic0").unwrap();
+        let moved = |bytes: &ByteCounters, phase| bytes.update(&daemon).get(&(Role::Source, phase)).copied();
+        job.enter_phase(Phase::PreCopy);
+        counter.bytes_done.store(1000, Ordering::Relaxed);
+        assert_eq!(moved(&bytes, Phase::PreCopy), Some(1000));
+        counter.bytes_done.store(2500, Ordering::Relaxed);
+        assert_eq!(moved(&bytes, Phase::PreCopy), Some(2500));
+        job.enter_phase(Phase::Drain);
+        counter.bytes_done.store(4000, Ordering::Relaxed);
+        assert_eq!(moved(&bytes, Phase::Drain), Some(1500));
+        assert_eq!(moved(&bytes, Phase::PreCopy), Some(2500));
+        // The job ends and leaves the table: the counters stay where they were.
+        job.finish(JobStatus::Succeeded, None);
+        assert_eq!(moved(&bytes, Phase::Drain), Some(1500));
+        let text = render(&daemon, &bytes);
+        assert!(
+            text.contains("vfio_migd_migrated_bytes_total{role=\"source\",phase=\"drain\"} 1500"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn the_metrics_add_up_what_the_daemon_did() {
         let dir = tempfile::tempdir().unwrap();
@@ -312,7 +469,8 @@ mod tests {
             .await
             .unwrap();
 
-        let text = render(&daemon);
+        let bytes = ByteCounters::default();
+        let text = render(&daemon, &bytes);
         let shown = lines(&text);
         for expected in [
             "vfio_migd_devices{backend=\"sim\"} 2",
@@ -324,8 +482,8 @@ mod tests {
             "vfio_migd_jobs_ended_total{role=\"source\",status=\"succeeded\"} 2",
             "vfio_migd_jobs_ended_total{role=\"source\",status=\"rolled_back\"} 1",
             "vfio_migd_jobs_ended_total{role=\"destination\",status=\"succeeded\"} 1",
-            "vfio_migd_migrated_bytes_total{role=\"source\"} 1520",
-            "vfio_migd_migrated_bytes_total{role=\"destination\"} 1500",
+            "vfio_migd_migrated_bytes_total{role=\"source\",phase=\"done\"} 1520",
+            "vfio_migd_migrated_bytes_total{role=\"destination\",phase=\"done\"} 1500",
             "vfio_migd_downtime_seconds_bucket{le=\"0.0025\"} 0",
             "vfio_migd_downtime_seconds_bucket{le=\"0.005\"} 1",
             "vfio_migd_downtime_seconds_bucket{le=\"0.025\"} 1",
@@ -338,7 +496,7 @@ mod tests {
             "vfio_migd_dirty_tracking_active{group=\"vm \\\"1\\\"\"} 1",
             "vfio_migd_dirty_tracking_covered{group=\"vm \\\"1\\\"\",device=\"nic0\",source=\"dma-logging\"} 1",
             "vfio_migd_dirty_tracking_covered{group=\"vm \\\"1\\\"\",device=\"uart0\",source=\"none\"} 0",
-            "vfio_migd_dirty_report_errors{group=\"vm \\\"1\\\"\",device=\"nic0\"} 0",
+            "vfio_migd_dirty_report_errors_total{group=\"vm \\\"1\\\"\",device=\"nic0\"} 0",
         ] {
             assert!(shown.contains(&expected), "missing `{expected}` in:\n{text}");
         }
@@ -360,9 +518,21 @@ mod tests {
                 assert!(value.parse::<f64>().is_ok(), "`{line}`: not a number");
             }
         }
+        for process in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_start_time_seconds ",
+            "process_threads ",
+        ] {
+            assert!(shown.iter().any(|line| line.starts_with(process)), "missing {process}in:\n{text}");
+        }
         daemon.stop_dirty_tracking("vm \"1\"").await.unwrap();
         assert!(
-            lines(&render(&daemon)).iter().all(|line| !line.starts_with("vfio_migd_dirty_tracking_active"))
+            lines(&render(&daemon, &bytes))
+                .iter()
+                .all(|line| !line.starts_with("vfio_migd_dirty_tracking_active"))
         );
     }
 }

@@ -281,8 +281,10 @@ impl Daemon {
         *lock(&incoming.devices) = devices.clone();
 
         // Open the data listener before touching devices: nothing to undo if it fails.
-        let (receiver, data_port) = StreamReceiver::bind(listen_ip)
+        let listener = crate::stream::ports::bind_data_listener(listen_ip, self.config.peer.data_ports)
             .await
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let (receiver, data_port) = StreamReceiver::from_listener(listener)
             .map_err(|e| EngineError::Internal(format!("cannot open the data listener: {e}")))?;
 
         job.enter_phase(Phase::Receiving);

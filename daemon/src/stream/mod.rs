@@ -24,6 +24,7 @@
 
 pub mod bench;
 pub mod frame;
+pub mod ports;
 pub mod pump;
 pub mod transport;
 

@@ -818,6 +818,12 @@ impl StreamReceiver {
         let listener = tokio::net::TcpListener::bind((addr, 0))
             .await
             .map_err(|source| StreamError::Listener { source })?;
+        StreamReceiver::from_listener(listener)
+    }
+
+    /// Receives on a listener bound by the caller (e.g. in `[peer] data_ports`, see
+    /// [`super::ports`]); returns its port.
+    pub fn from_listener(listener: tokio::net::TcpListener) -> Result<(StreamReceiver, u16), StreamError> {
         let port = listener.local_addr().map_err(|source| StreamError::Listener { source })?.port();
         Ok((StreamReceiver { listener }, port))
     }
