@@ -176,8 +176,12 @@ async fn run_in(dir: &Path, opts: &DemoOptions) -> anyhow::Result<u8> {
     let job_id = format!("demo-{}", std::process::id());
     let names: Vec<String> = DEVICES.iter().map(|d| d.0.to_string()).collect();
     let dst_names: Vec<String> = names.iter().map(|n| format!("dst-{n}")).collect();
-    dst.prepare_incoming(pb::PrepareIncomingRequest { job_id: job_id.clone(), devices: dst_names.clone() })
-        .await?;
+    dst.prepare_incoming(pb::PrepareIncomingRequest {
+        job_id: job_id.clone(),
+        devices: dst_names.clone(),
+        ..Default::default()
+    })
+    .await?;
     src.define_group(pb::DefineGroupRequest {
         name: "vm-demo".into(),
         devices: names.clone(),
@@ -200,6 +204,7 @@ async fn run_in(dir: &Path, opts: &DemoOptions) -> anyhow::Result<u8> {
             .collect(),
         phase_timeout_ms: 0,
         data_connections: 0,
+        expected_destination_identity: String::new(),
     })
     .await?;
     let job = watch::follow(&mut src, &job_id, opts.display).await?;

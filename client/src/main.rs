@@ -80,6 +80,11 @@ enum Command {
         /// Destination devices, by name.
         #[arg(required = true, value_name = "DEVICE")]
         devices: Vec<String>,
+        /// The source daemon's identity (a DNS or IP name in its TLS certificate; with
+        /// plaintext peers, its address): only it may hand over, commit or abort the
+        /// job. Without it, the first fleet peer whose handshake is accepted does.
+        #[arg(long, value_name = "NAME")]
+        source_identity: Option<String>,
     },
     /// Jobs, running and recently finished (default: list them).
     Jobs {
@@ -227,6 +232,9 @@ struct MigrateArgs {
     /// Data connections to the peer (0: the daemon's default).
     #[arg(long, default_value_t = 0)]
     connections: u32,
+    /// The name the destination's TLS certificate must carry (default: the host of --peer).
+    #[arg(long, value_name = "NAME")]
+    destination_identity: Option<String>,
     /// Start the job and return without following it.
     #[arg(long)]
     no_watch: bool,
@@ -514,11 +522,12 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
             groups(&mut client, action.as_ref().unwrap_or(&GroupsCmd::List), json).await
         }
         Command::Migrate(args) => migrate(&mut client, args, json).await,
-        Command::Incoming { job_id, devices } => {
+        Command::Incoming { job_id, devices, source_identity } => {
             let job = client
                 .prepare_incoming(pb::PrepareIncomingRequest {
                     job_id: job_id.clone(),
                     devices: devices.clone(),
+                    expected_source_identity: source_identity.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -719,6 +728,7 @@ async fn migrate(client: &mut ControlClient<Channel>, args: &MigrateArgs, json: 
                 .collect(),
             phase_timeout_ms: args.timeout_ms,
             data_connections: args.connections,
+            expected_destination_identity: args.destination_identity.clone().unwrap_or_default(),
         })
         .await?
         .into_inner();

@@ -69,6 +69,7 @@ fn main() -> anyhow::Result<()> {
                 buffers_per_device: args.buffers,
                 ..StreamOptions::default()
             },
+            tls: None,
         };
         let result = runtime.block_on(compare(endpoints.clone(), &setup, args.pairs))?;
         eprintln!(

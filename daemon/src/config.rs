@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::device::sim::{SimSpec, parse_byte_size};
 use crate::stream::StreamFault;
+use crate::tls::PeerTlsConfig;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vfio-migd/config.toml";
 pub const ENV_PREFIX: &str = "VFIO_MIGD";
@@ -214,6 +215,20 @@ pub struct PeerConfig {
     /// Largest frame payload on the data connections.
     #[serde(default = "default_max_frame_payload")]
     pub max_frame_payload: usize,
+    /// `host:port` peers reach this daemon at, announced to destinations (which resolve
+    /// in-doubt jobs through it) instead of `listen` (e.g. `0.0.0.0:7410`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Serve the peer listener without TLS on a non-loopback address. Anyone who reaches
+    /// the port can then read and change device state: lab use only.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// `[peer.tls]`: mutual TLS with the fleet CA, for the peer gRPC and data connections.
+    #[serde(default)]
+    pub tls: Option<PeerTlsConfig>,
+    /// `[peer.limits]`: bounds on what peers may hold on this daemon.
+    #[serde(default)]
+    pub limits: PeerLimits,
     /// Ports the destination's per-job data listener takes (`"49152-49215"`); unset: an
     /// ephemeral port chosen by the kernel.
     #[serde(default)]
@@ -226,7 +241,75 @@ impl Default for PeerConfig {
             listen: default_peer_listen(),
             data_connections: default_data_connections(),
             max_frame_payload: default_max_frame_payload(),
+            advertise: None,
+            insecure_plaintext: false,
+            tls: None,
+            limits: PeerLimits::default(),
             data_ports: None,
+        }
+    }
+}
+
+impl PeerConfig {
+    /// The address announced to peers: `advertise`, else `listen`.
+    pub fn advertised(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+/// `[peer.limits]`: every bound of the peer listener, its channels and the data ports.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerLimits {
+    /// Connections the peer listener keeps at once; more are closed at accept.
+    pub max_connections: usize,
+    /// HTTP/2 streams (concurrent calls) per peer connection.
+    pub max_concurrent_streams: u32,
+    /// Calls served at once per peer connection (others wait).
+    pub concurrency_per_connection: usize,
+    /// Longest a peer call may run (must exceed `migration.phase_timeout_ms`: AwaitLoaded
+    /// waits up to a phase timeout).
+    pub request_timeout_ms: u64,
+    /// A peer connection is closed (gracefully: running calls finish) after this long;
+    /// the peer's channel reconnects.
+    pub max_connection_age_ms: u64,
+    /// Largest peer gRPC message, either direction.
+    pub max_message_bytes: usize,
+    /// HTTP/2 flow-control window per stream; peer calls are small, bulk data travels
+    /// on the data connections.
+    pub stream_window_bytes: u32,
+    /// HTTP/2 flow-control window per connection.
+    pub connection_window_bytes: u32,
+    /// HTTP/2 PING interval on peer connections (both sides).
+    pub keepalive_interval_ms: u64,
+    /// A PING unanswered for this long closes the connection.
+    pub keepalive_timeout_ms: u64,
+    /// TCP keepalive and TCP_USER_TIMEOUT on every peer socket: a dead peer is noticed
+    /// within about this long.
+    pub dead_peer_ms: u64,
+    /// A connection must finish its TLS handshake (peer listener) or send its preamble
+    /// (data port) within this long.
+    pub handshake_timeout_ms: u64,
+    /// Data-port connections whose preamble is still awaited, per job; more are closed.
+    pub max_pending_data_connections: usize,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            max_connections: 256,
+            max_concurrent_streams: 32,
+            concurrency_per_connection: 16,
+            request_timeout_ms: 120_000,
+            max_connection_age_ms: 3_600_000,
+            max_message_bytes: 256 << 10,
+            stream_window_bytes: 256 << 10,
+            connection_window_bytes: 1 << 20,
+            keepalive_interval_ms: 10_000,
+            keepalive_timeout_ms: 10_000,
+            dead_peer_ms: 20_000,
+            handshake_timeout_ms: 5_000,
+            max_pending_data_connections: 16,
         }
     }
 }
@@ -522,6 +605,7 @@ impl Config {
         if self.handoff.request_timeout_ms == 0 {
             return Err(invalid("handoff.request_timeout_ms", "must be positive"));
         }
+        self.validate_peer()?;
         let mut seen = std::collections::HashSet::new();
         for (i, device) in self.devices.iter().enumerate() {
             if device.name().is_empty() {
@@ -544,6 +628,76 @@ impl Config {
                 return Err(invalid(
                     &format!("device[{i}].name"),
                     &format!("duplicate device name `{}`", device.name()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The peer listener's security and limits: plaintext only on loopback unless
+    /// explicitly allowed, every limit positive and consistent.
+    fn validate_peer(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid { key: key.into(), message };
+        let peer = &self.peer;
+        if peer.tls.is_none() && !peer.listen.ip().is_loopback() && !peer.insecure_plaintext {
+            return Err(invalid(
+                "peer.listen",
+                format!(
+                    "{} is not a loopback address and no [peer.tls] is configured: peers would be \
+                     unauthenticated and device state unencrypted. Configure [peer.tls] (cert, key, ca), \
+                     listen on loopback, or set [peer] insecure_plaintext = true (lab use only)",
+                    peer.listen
+                ),
+            ));
+        }
+        if let Some(advertise) = &peer.advertise
+            && (advertise.is_empty() || !advertise.contains(':'))
+        {
+            return Err(invalid("peer.advertise", format!("`{advertise}` is not a host:port address")));
+        }
+        let l = &peer.limits;
+        let positive: [(&str, u64); 11] = [
+            ("max_connections", l.max_connections as u64),
+            ("max_concurrent_streams", u64::from(l.max_concurrent_streams)),
+            ("concurrency_per_connection", l.concurrency_per_connection as u64),
+            ("request_timeout_ms", l.request_timeout_ms),
+            ("max_connection_age_ms", l.max_connection_age_ms),
+            ("keepalive_interval_ms", l.keepalive_interval_ms),
+            ("keepalive_timeout_ms", l.keepalive_timeout_ms),
+            ("dead_peer_ms", l.dead_peer_ms),
+            ("handshake_timeout_ms", l.handshake_timeout_ms),
+            ("max_pending_data_connections", l.max_pending_data_connections as u64),
+            ("max_message_bytes", l.max_message_bytes as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(&format!("peer.limits.{key}"), "must be positive".into()));
+            }
+        }
+        if l.request_timeout_ms <= self.migration.phase_timeout_ms {
+            return Err(invalid(
+                "peer.limits.request_timeout_ms",
+                format!(
+                    "{} ms must exceed migration.phase_timeout_ms ({} ms): AwaitLoaded waits up to a phase timeout",
+                    l.request_timeout_ms, self.migration.phase_timeout_ms
+                ),
+            ));
+        }
+        if l.max_message_bytes < 16 << 10 {
+            return Err(invalid("peer.limits.max_message_bytes", "must be at least 16384 bytes".into()));
+        }
+        // HTTP/2 windows are 65535..2^31-1 (RFC 9113 §6.9.2 allows smaller, but a window
+        // below the default 64 KiB only slows calls down).
+        for (key, value) in [
+            ("stream_window_bytes", l.stream_window_bytes),
+            ("connection_window_bytes", l.connection_window_bytes),
+        ] {
+            if !(65_535..=i32::MAX as u32).contains(&value) {
+                return Err(invalid(
+                    &format!("peer.limits.{key}"),
+                    "must be between 65535 and 2147483647".into(),
                 ));
             }
         }
@@ -577,6 +731,35 @@ mod tests {
         assert!(err.to_string().contains("peer.data_connections"), "{err}");
         let err = Config::from_toml("[peer]\nlisten = \"not an address\"\n", false).unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_on_a_non_loopback_listener_needs_the_explicit_key() {
+        let err = Config::from_toml("[peer]\nlisten = \"0.0.0.0:7410\"\n", false).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("peer.listen") && text.contains("insecure_plaintext"), "{text}");
+        let config =
+            Config::from_toml("[peer]\nlisten = \"0.0.0.0:7410\"\ninsecure_plaintext = true\n", false)
+                .unwrap();
+        assert!(config.peer.insecure_plaintext);
+        let tls = "[peer]\nlisten = \"0.0.0.0:7410\"\n[peer.tls]\ncert = \"/c\"\nkey = \"/k\"\nca = \"/a\"\n";
+        assert_eq!(Config::from_toml(tls, false).unwrap().peer.tls.unwrap().ca, Path::new("/a"));
+        Config::from_toml("[peer]\nlisten = \"[::1]:7410\"\n", false).unwrap();
+    }
+
+    #[test]
+    fn peer_limits_have_defaults_and_are_checked() {
+        let config = Config::from_toml("", false).unwrap();
+        assert_eq!(config.peer.limits, PeerLimits::default());
+        assert_eq!(config.peer.advertised(), "127.0.0.1:7410");
+        let err = Config::from_toml("[peer.limits]\nmax_connections = 0\n", false).unwrap_err();
+        assert!(err.to_string().contains("peer.limits.max_connections"), "{err}");
+        let err = Config::from_toml("[peer.limits]\nrequest_timeout_ms = 1000\n", false).unwrap_err();
+        assert!(err.to_string().contains("phase_timeout_ms"), "{err}");
+        let err = Config::from_toml("[peer.limits]\nstream_window_bytes = 10\n", false).unwrap_err();
+        assert!(err.to_string().contains("stream_window_bytes"), "{err}");
+        let config = Config::from_toml("[peer]\nadvertise = \"node-a.fleet:7410\"\n", false).unwrap();
+        assert_eq!(config.peer.advertised(), "node-a.fleet:7410");
     }
 
     #[test]

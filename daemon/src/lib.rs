@@ -16,6 +16,7 @@
 //! - [`handoff`]: the fd handoff socket (VMMs hand over their device fds);
 //! - [`telemetry`]: logging setup;
 //! - [`token`]: session tokens from the kernel's random generator;
+//! - [`tls`]: mutual TLS between peer daemons (fleet CA, reloadable material);
 //! - [`reload`]: what SIGHUP changes live;
 //! - [`systemd`]: readiness, status, watchdog and stop notifications to systemd.
 #![deny(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod reload;
 pub mod stream;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 #[allow(unsafe_code)]
 pub mod vfio;

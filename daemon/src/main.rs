@@ -64,6 +64,12 @@ fn main() -> ExitCode {
             eprintln!("vfio-migd: {e}");
             return ExitCode::from(2);
         }
+        if let Some(tls) = &config.peer.tls
+            && let Err(e) = vfio_migd::tls::load_material(tls)
+        {
+            eprintln!("vfio-migd: {e}");
+            return ExitCode::from(2);
+        }
         print!("{}", summary(&config));
         return ExitCode::SUCCESS;
     }
@@ -108,6 +114,9 @@ async fn run(config: Config, args: &Args, log: Arc<LogHandle>) -> anyhow::Result
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create the state directory {}", config.state_dir.display()))?;
     let daemon = Daemon::new(config, Arc::new(Registry::default())).context("cannot start the engine")?;
+    if let Some(tls) = &daemon.tls {
+        reloader.register(tls.clone());
+    }
     let server = ApiServer::bind(daemon.clone()).await?;
     let readiness = server.readiness();
     tracing::info!(
@@ -244,6 +253,16 @@ fn summary(config: &Config) -> String {
     line(format!("peer.listen               {}", config.peer.listen));
     line(format!("peer.data_connections     {}", config.peer.data_connections));
     line(format!("peer.max_frame_payload    {}", config.peer.max_frame_payload));
+    line(format!("peer.advertise            {}", config.peer.advertised()));
+    line(format!(
+        "peer.tls                  {}",
+        match &config.peer.tls {
+            Some(tls) => format!("cert {} ca {}", tls.cert.display(), tls.ca.display()),
+            None if config.peer.insecure_plaintext => "off (INSECURE plaintext allowed)".to_owned(),
+            None => "off (plaintext, loopback only)".to_owned(),
+        }
+    ));
+    line(format!("peer.limits.max_connections {}", config.peer.limits.max_connections));
     line(format!(
         "peer.data_ports           {}",
         config.peer.data_ports.map_or_else(|| "ephemeral".to_owned(), |range| range.to_string())

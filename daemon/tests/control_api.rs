@@ -266,6 +266,7 @@ async fn job_requests_are_validated_before_the_engine() {
         mapping: vec![pb::DeviceMapping { source: "a".into(), destination: "b".into() }],
         phase_timeout_ms: 0,
         data_connections: 0,
+        ..Default::default()
     };
     for (request, field) in [
         (pb::StartMigrationRequest { job_id: String::new(), ..start.clone() }, "job_id"),
@@ -278,7 +279,7 @@ async fn job_requests_are_validated_before_the_engine() {
         assert!(err.message().contains(field), "{}", err.message());
     }
     let err = control
-        .prepare_incoming(pb::PrepareIncomingRequest { job_id: "j1".into(), devices: vec![] })
+        .prepare_incoming(pb::PrepareIncomingRequest { job_id: "j1".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -484,7 +485,11 @@ async fn a_draining_daemon_refuses_new_jobs_but_answers_queries() {
     daemon.readiness.drain().await;
     assert_eq!(health_of(&daemon, "").await, ServingStatus::NotServing);
     let err = control
-        .prepare_incoming(pb::PrepareIncomingRequest { job_id: "j1".into(), devices: vec!["nic0".into()] })
+        .prepare_incoming(pb::PrepareIncomingRequest {
+            job_id: "j1".into(),
+            devices: vec!["nic0".into()],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);

@@ -1,6 +1,7 @@
 //! The shipped deployment files agree with the code: the example configuration parses
 //! and documents exactly the defaults.
 
+use rustls::pki_types::pem::PemObject;
 use vfio_migd::config::Config;
 
 #[test]
@@ -21,8 +22,9 @@ fn the_systemd_unit_is_a_notify_service_with_its_directories() {
     }
 }
 
-/// The `VFIO_MIGD__…` overrides the DaemonSet sets, with `$(POD_IP)` as `pod_ip`.
-fn daemonset_overrides(pod_ip: &str) -> Vec<(String, String)> {
+/// The `VFIO_MIGD__…` overrides the DaemonSet sets, with `$(POD_IP)` as `pod_ip` and the
+/// Secret's mount point as `tls_dir`.
+fn daemonset_overrides(pod_ip: &str, tls_dir: &std::path::Path) -> Vec<(String, String)> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
     let manifest = std::fs::read_to_string(path).expect("deploy/daemonset.yaml");
     let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
@@ -31,18 +33,34 @@ fn daemonset_overrides(pod_ip: &str) -> Vec<(String, String)> {
         .filter_map(|pair| {
             let name = pair[0].strip_prefix("- name: ")?.trim_matches('"');
             let value = pair[1].strip_prefix("value: ")?.trim_matches('"');
-            name.starts_with("VFIO_MIGD__").then(|| (name.to_owned(), value.replace("$(POD_IP)", pod_ip)))
+            let value = value.replace("$(POD_IP)", pod_ip);
+            let value = value.replace("/etc/vfio-migd-tls", &tls_dir.display().to_string());
+            name.starts_with("VFIO_MIGD__").then(|| (name.to_owned(), value))
         })
         .collect()
 }
 
 #[test]
 fn the_daemonsets_environment_overrides_are_keys_the_daemon_takes() {
-    let overrides = daemonset_overrides("10.1.2.3");
+    // The Secret as deploy/make-test-certs.sh and the DaemonSet's comment make it.
+    let tls_dir = tempfile::tempdir().unwrap();
+    let made = tempfile::tempdir().unwrap();
+    make_test_certs(made.path(), &["10.1.2.3"]);
+    for (from, to) in [("10.1.2.3.crt", "tls.crt"), ("10.1.2.3.key", "tls.key"), ("ca.crt", "ca.crt")] {
+        std::fs::copy(made.path().join(from), tls_dir.path().join(to)).unwrap();
+    }
+    let overrides = daemonset_overrides("10.1.2.3", tls_dir.path());
     let names: Vec<&str> = overrides.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(
         names,
-        ["VFIO_MIGD__PEER__LISTEN", "VFIO_MIGD__METRICS__LISTEN", "VFIO_MIGD__PEER__DATA_PORTS"]
+        [
+            "VFIO_MIGD__PEER__LISTEN",
+            "VFIO_MIGD__PEER__TLS__CERT",
+            "VFIO_MIGD__PEER__TLS__KEY",
+            "VFIO_MIGD__PEER__TLS__CA",
+            "VFIO_MIGD__METRICS__LISTEN",
+            "VFIO_MIGD__PEER__DATA_PORTS"
+        ]
     );
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config.example.toml");
     let checked = std::process::Command::new(env!("CARGO_BIN_EXE_vfio-migd"))
@@ -55,10 +73,41 @@ fn the_daemonsets_environment_overrides_are_keys_the_daemon_takes() {
     for line in [
         "peer.listen               10.1.2.3:7410",
         "metrics.listen            10.1.2.3:7411",
+        &format!("peer.tls                  cert {0}/tls.crt ca {0}/ca.crt", tls_dir.path().display()),
         "peer.data_ports           49152-49215",
     ] {
         assert!(summary.lines().any(|l| l == line), "missing `{line}` in:\n{summary}");
     }
+}
+
+/// Runs deploy/make-test-certs.sh (openssl) into `out` for `names`.
+fn make_test_certs(out: &std::path::Path, names: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/make-test-certs.sh");
+    let made =
+        std::process::Command::new(script).arg(out).args(names).output().expect("run make-test-certs.sh");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+#[test]
+fn the_test_certificate_script_makes_a_fleet_the_daemon_accepts() {
+    let out = tempfile::tempdir().unwrap();
+    make_test_certs(out.path(), &["node-a.example", "127.0.0.1"]);
+    let config = |name: &str| vfio_migd::tls::PeerTlsConfig {
+        cert: out.path().join(format!("{name}.crt")),
+        key: out.path().join(format!("{name}.key")),
+        ca: out.path().join("ca.crt"),
+    };
+    for name in ["node-a.example", "127.0.0.1"] {
+        vfio_migd::tls::load_material(&config(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let pem = std::fs::read(config(name).cert).unwrap();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        assert!(vfio_migd::tls::certificate_matches(&der, name), "{name} is in its certificate");
+        assert!(!vfio_migd::tls::certificate_matches(&der, "node-b.example"));
+    }
+    // A key that is not the certificate's is refused with both paths named.
+    let mixed = vfio_migd::tls::PeerTlsConfig { key: config("127.0.0.1").key, ..config("node-a.example") };
+    let err = vfio_migd::tls::load_material(&mixed).unwrap_err().to_string();
+    assert!(err.contains("node-a.example.crt") && err.contains("127.0.0.1.key"), "{err}");
 }
 
 #[test]

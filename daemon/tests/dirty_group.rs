@@ -602,6 +602,7 @@ fn started_request(devices: &[String], peer: &std::net::TcpListener) -> pb::Star
             .collect(),
         phase_timeout_ms: 600_000,
         data_connections: 0,
+        ..Default::default()
     }
 }
 

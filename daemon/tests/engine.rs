@@ -281,7 +281,11 @@ async fn start(src: &Side, dst: &Side, job_id: &str, phase_timeout_ms: u64) {
 }
 
 fn from(ip: [u8; 4]) -> PeerIdentity {
-    PeerIdentity { addr: Some(std::net::SocketAddr::from((ip, 40_000))), names: Vec::new() }
+    PeerIdentity {
+        addr: Some(std::net::SocketAddr::from((ip, 40_000))),
+        names: Vec::new(),
+        certificate: None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -215,9 +215,13 @@ async fn watchdog_status_and_sighup_reload_under_a_stand_in_service_manager() {
 
     // A job: the destination is prepared, the source started.
     let mut dst = destination.control().await;
-    dst.prepare_incoming(PrepareIncomingRequest { job_id: "hup".into(), devices: vec!["d0".into()] })
-        .await
-        .expect("prepare the destination");
+    dst.prepare_incoming(PrepareIncomingRequest {
+        job_id: "hup".into(),
+        devices: vec!["d0".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("prepare the destination");
     let mut src = source.control().await;
     src.define_group(DefineGroupRequest {
         name: "vm".into(),

@@ -112,6 +112,7 @@ impl Pair {
         dst.prepare_incoming(pb::PrepareIncomingRequest {
             job_id: job_id.into(),
             devices: dst_names.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -133,6 +134,7 @@ impl Pair {
                 .collect(),
             phase_timeout_ms: timeout_ms,
             data_connections: 0,
+            ..Default::default()
         };
         src.start_migration(request.clone()).await.unwrap();
         (src, dst, request)

@@ -235,6 +235,7 @@ impl pb::control_server::Control for ControlService {
             return Err(Status::invalid_argument("`devices` must name at least one device"));
         }
         self.accepting_jobs(&req.job_id)?;
+        self.daemon.bindings.expect(&req.job_id, req.expected_source_identity.trim());
         let job = self.daemon.prepare_incoming(&req.job_id, req.devices).await?;
         Ok(job_response(&self.daemon, &job))
     }
@@ -253,6 +254,13 @@ impl pb::control_server::Control for ControlService {
             ));
         }
         self.accepting_jobs(&req.job_id)?;
+        // The destination's certificate must carry this name; the destination's QueryJob
+        // calls about this job are accepted only from it.
+        let destination = match req.expected_destination_identity.trim() {
+            "" => crate::tls::host_of(req.peer.trim()).to_owned(),
+            name => name.to_owned(),
+        };
+        self.daemon.bindings.expect(&req.job_id, &destination);
         let job = self
             .daemon
             .start_migration(MigrationRequest {

@@ -1,7 +1,8 @@
 //! The daemon's listeners and the thin gRPC services behind them:
 //! - the control socket (Unix, 0660): [`control::ControlService`], `grpc.health.v1` and
 //!   server reflection (v1 and v1alpha), so `grpcurl -plaintext -unix <socket> list` works;
-//! - the peer listener (TCP): [`peer::PeerService`] and health, tuned for bulk streams;
+//! - the peer listener (TCP, mutual TLS when `[peer.tls]` is set): [`peer::PeerService`]
+//!   and health, bounded by `[peer.limits]` ([`peer_listener`] accepts its connections);
 //! - the fd handoff socket (Unix, 0660): [`crate::handoff`];
 //! - when configured, Prometheus metrics over HTTP (TCP): [`metrics`].
 //!
@@ -12,6 +13,7 @@ pub mod control;
 pub mod convert;
 pub mod metrics;
 pub mod peer;
+pub mod peer_listener;
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,7 +27,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -71,6 +72,11 @@ pub enum ApiError {
     Handoff(#[source] io::Error),
     #[error(transparent)]
     Device(#[from] crate::device::open::ConfiguredDeviceError),
+    #[error(
+        "the peer listener {0} is not a loopback address and no [peer.tls] is configured; \
+         configure [peer.tls], listen on loopback, or set [peer] insecure_plaintext = true"
+    )]
+    InsecurePeer(SocketAddr),
     #[error("a server task failed: {0}")]
     Task(String),
     #[error("cannot build the reflection service: {0}")]
@@ -213,6 +219,17 @@ impl ApiServer {
         let tcp = |what, addr| async move {
             TcpListener::bind(addr).await.map_err(|source| ApiError::BindTcp { what, addr, source })
         };
+        if config.peer.tls.is_none() && !config.peer.listen.ip().is_loopback() {
+            if !config.peer.insecure_plaintext {
+                return Err(ApiError::InsecurePeer(config.peer.listen));
+            }
+            tracing::warn!(
+                listen = %config.peer.listen,
+                "INSECURE: the peer listener serves PLAINTEXT on a non-loopback address \
+                 ([peer] insecure_plaintext = true): anyone who reaches it can read, start, commit \
+                 or abort migrations and change device state. Configure [peer.tls]."
+            );
+        }
         let peer = tcp("peer", config.peer.listen).await?;
         let metrics = match config.metrics.listen {
             Some(addr) => Some(tcp("metrics", addr).await?),
@@ -271,11 +288,16 @@ impl ApiServer {
                 UnixListenerStream::new(control),
                 shutdown.clone().cancelled_owned(),
             );
-        let peer_server = tuned_server()
+        let limits = daemon.config.peer.limits.clone();
+        let peer_server = peer_server(&limits)
             .add_service(health())
-            .add_service(PeerServer::new(PeerService::new(daemon.clone())))
+            .add_service(
+                PeerServer::new(PeerService::new(daemon.clone()))
+                    .max_decoding_message_size(limits.max_message_bytes)
+                    .max_encoding_message_size(limits.max_message_bytes),
+            )
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(peer).with_nodelay(Some(true)),
+                peer_listener::incoming(peer, daemon.tls.clone(), limits.clone(), shutdown.clone()),
                 shutdown.clone().cancelled_owned(),
             );
         let (metrics_daemon, metrics_shutdown) = (daemon.clone(), shutdown.clone());
@@ -294,6 +316,24 @@ impl ApiServer {
         )?;
         Ok(())
     }
+}
+
+/// The peer listener's server: every bound from `[peer.limits]`. Peer calls are small
+/// (bulk data travels on the data connections), so windows stay small and a caller can
+/// hold at most `max_concurrent_streams` × `stream_window_bytes` (capped by
+/// `connection_window_bytes`) per connection, for at most `max_connections` connections.
+fn peer_server(limits: &crate::config::PeerLimits) -> Server {
+    let ms = Duration::from_millis;
+    Server::builder()
+        .initial_stream_window_size(limits.stream_window_bytes)
+        .initial_connection_window_size(limits.connection_window_bytes)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .concurrency_limit_per_connection(limits.concurrency_per_connection)
+        .timeout(ms(limits.request_timeout_ms))
+        .max_connection_age(ms(limits.max_connection_age_ms))
+        .http2_keepalive_interval(Some(ms(limits.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(ms(limits.keepalive_timeout_ms)))
+        .http2_max_header_list_size(16 << 10)
 }
 
 fn tuned_server() -> Server {

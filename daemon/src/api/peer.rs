@@ -12,13 +12,6 @@ use crate::device::DeviceIdentity;
 use crate::engine::destination::{Offer, OfferedDevice};
 use crate::engine::{Daemon, EngineError};
 use crate::fsm::Caps;
-use crate::peer_identity::PeerIdentity;
-
-/// What the transport proves about the caller: its address (the security issue adds the
-/// names of its certificate).
-fn identity<T>(request: &Request<T>) -> PeerIdentity {
-    PeerIdentity { addr: request.remote_addr(), names: Vec::new() }
-}
 
 /// Runs a state-changing peer request on its own task, so that it completes even when
 /// the caller gives up (a timed-out or dropped RPC cancels the handler's future): a
@@ -29,6 +22,15 @@ async fn run_to_completion<T: Send + 'static>(
     tokio::spawn(work)
         .await
         .unwrap_or_else(|e| Err(EngineError::Internal(format!("peer request task failed: {e}"))))
+}
+
+/// What the transport proved about the caller (filled by the peer listener; a request
+/// that did not come through it, e.g. in-process, has only its remote address).
+fn caller<T>(request: &Request<T>) -> crate::peer_identity::PeerIdentity {
+    match request.extensions().get::<super::peer_listener::PeerConnectInfo>() {
+        Some(info) => info.identity.clone(),
+        None => crate::peer_identity::PeerIdentity { addr: request.remote_addr(), ..Default::default() },
+    }
 }
 
 pub struct PeerService {
@@ -43,6 +45,20 @@ impl PeerService {
     pub fn into_server(self) -> pb::peer_server::PeerServer<PeerService> {
         pb::peer_server::PeerServer::new(self)
     }
+
+    /// Refuses, before anything changes, a call about `job_id` from a peer the job is
+    /// not bound to (its source on a destination, its destination on a source).
+    fn authorise(&self, job_id: &str, who: &crate::peer_identity::PeerIdentity) -> Result<(), Status> {
+        if self.daemon.bindings.admits(job_id, who) {
+            return Ok(());
+        }
+        let expected = self.daemon.bindings.expected(job_id).describe();
+        tracing::warn!(job = %job_id, peer = %who.describe(), %expected, "peer call refused: not the job's peer");
+        Err(Status::permission_denied(format!(
+            "job `{job_id}` accepts peer calls only from {expected}, not from {}",
+            who.describe()
+        )))
+    }
 }
 
 #[tonic::async_trait]
@@ -51,9 +67,14 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeResponse>, Status> {
-        let listen_ip = request.local_addr().map(|a| a.ip()).unwrap_or(self.daemon.config.peer.listen.ip());
-        let caller = identity(&request);
+        let listen_ip = match request.extensions().get::<super::peer_listener::PeerConnectInfo>() {
+            Some(info) => info.local.map(|a| a.ip()),
+            None => request.local_addr().map(|a| a.ip()),
+        }
+        .unwrap_or(self.daemon.config.peer.listen.ip());
+        let who = caller(&request);
         let req = request.into_inner();
+        self.authorise(&req.job_id, &who)?;
         let mut devices = Vec::with_capacity(req.devices.len());
         for d in req.devices {
             let identity = d.identity.ok_or_else(|| {
@@ -89,9 +110,13 @@ impl Peer for PeerService {
             source_peer: req.source_peer,
         };
         let daemon = self.daemon.clone();
-        let accepted = run_to_completion(async move { daemon.accept_offer(offer, listen_ip, &caller).await })
+        let job_id = offer.job_id.clone();
+        let from = who.clone();
+        let accepted = run_to_completion(async move { daemon.accept_offer(offer, listen_ip, &from).await })
             .await
             .map_err(Status::from)?;
+        // From now on the job takes calls and data connections only from this peer.
+        self.daemon.bindings.bind_on_handshake(&job_id, &who);
         Ok(Response::new(pb::HandshakeResponse {
             protocol_version: crate::engine::destination::PROTOCOL_VERSION,
             data_port: accepted.data_port as u32,
@@ -103,7 +128,9 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::AwaitLoadedRequest>,
     ) -> Result<Response<pb::AwaitLoadedResponse>, Status> {
+        let who = caller(&request);
         let req = request.into_inner();
+        self.authorise(&req.job_id, &who)?;
         let timeout = Duration::from_millis(self.daemon.config.migration.phase_timeout_ms);
         let loaded = self.daemon.await_loaded(&req.job_id, timeout).await.map_err(Status::from)?;
         Ok(Response::new(pb::AwaitLoadedResponse {
@@ -118,23 +145,25 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        let caller = identity(&request);
+        let who = caller(&request);
         let req = request.into_inner();
+        self.authorise(&req.job_id, &who)?;
         let daemon = self.daemon.clone();
         let running_at_unix_ns =
-            run_to_completion(async move { daemon.commit_incoming(&req.job_id, Some(&caller)).await })
+            run_to_completion(async move { daemon.commit_incoming(&req.job_id, Some(&who)).await })
                 .await
                 .map_err(Status::from)?;
         Ok(Response::new(pb::CommitResponse { running_at_unix_ns }))
     }
 
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
-        let caller = identity(&request);
+        let who = caller(&request);
         let req = request.into_inner();
+        self.authorise(&req.job_id, &who)?;
         let daemon = self.daemon.clone();
         let destination_failure =
             run_to_completion(
-                async move { daemon.abort_incoming(&req.job_id, &req.reason, Some(&caller)).await },
+                async move { daemon.abort_incoming(&req.job_id, &req.reason, Some(&who)).await },
             )
             .await
             .map_err(Status::from)?;
@@ -145,8 +174,9 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::QueryJobRequest>,
     ) -> Result<Response<pb::QueryJobResponse>, Status> {
-        let caller = identity(&request);
+        let who = caller(&request);
         let req = request.into_inner();
-        Ok(Response::new(self.daemon.query_job(&req.job_id, &caller).await.map_err(Status::from)?))
+        self.authorise(&req.job_id, &who)?;
+        Ok(Response::new(self.daemon.query_job(&req.job_id, &who).await.map_err(Status::from)?))
     }
 }

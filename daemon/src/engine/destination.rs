@@ -335,12 +335,26 @@ impl Daemon {
         }
 
         let progress = Arc::new(Progress::new(fds.len()));
+        let limits = &self.config.peer.limits;
         let opts = StreamOptions {
             connections: offer.data_connections.max(1),
             max_payload: offer.max_frame_payload,
+            dead_peer: Duration::from_millis(limits.dead_peer_ms),
+            preamble_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+            max_pending_connections: limits.max_pending_data_connections,
             ..StreamOptions::default()
         };
-        let handle = receiver.start(
+        // Data connections must come from the job's source (its binding is set once
+        // this handshake is accepted, before the source can connect).
+        let guard = {
+            let (daemon, job_id) = (self.clone(), offer.job_id.clone());
+            crate::stream::DataGuard {
+                tls: self.tls.as_ref().map(|tls| tls.server_config()),
+                admit: Arc::new(move |who| daemon.bindings.admits(&job_id, who)),
+            }
+        };
+        let handle = receiver.start_guarded(
+            guard,
             Preamble { job_id: offer.job_id.clone(), token: token.clone() },
             fds,
             opts,
@@ -654,7 +668,16 @@ impl Daemon {
                     Some(d) => d,
                     None => {
                         let source = lock(&incoming.source_peer).clone();
-                        match super::source::query_decision(&source, job_id).await? {
+                        // The announced address is only where to dial: the source
+                        // must prove the identity this job is bound to.
+                        let expected = match self.bindings.expected(job_id) {
+                            crate::peer_identity::ExpectedPeer::Named(name) => name,
+                            crate::peer_identity::ExpectedPeer::SameAs(peer) => {
+                                peer.names.first().cloned().unwrap_or_default()
+                            }
+                            crate::peer_identity::ExpectedPeer::Unbound => String::new(),
+                        };
+                        match super::source::query_decision(self, &source, &expected, job_id).await? {
                             Answer::Commit => Decision::Commit,
                             Answer::Abort => Decision::Abort,
                             // Rule D3: the source does not know the job: hold, never reset.

@@ -112,11 +112,22 @@ pub struct Daemon {
     /// Dirty tracking, by group. Shared with the blocking threads that stop a tracker, so
     /// that a stopped tracker leaves the table before its lock is released.
     pub(crate) dirty: Arc<dirty::Trackers>,
+    /// Peer TLS material (`[peer.tls]`), reloadable; `None`: plaintext (loopback).
+    pub tls: Option<Arc<crate::tls::PeerTls>>,
+    /// Which peer each job accepts calls from (checked by the peer API).
+    pub bindings: crate::peer_identity::Bindings,
 }
 
 impl Daemon {
     pub fn new(config: Config, registry: Arc<Registry>) -> Result<Arc<Daemon>, EngineError> {
         let journal = Journal::open(&config.state_dir)?;
+        let tls = match &config.peer.tls {
+            Some(paths) => Some(Arc::new(
+                crate::tls::PeerTls::load(paths)
+                    .map_err(|e| EngineError::FailedPrecondition(e.to_string()))?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(Daemon {
             jobs: JobTable::new(config.migration.retained_jobs),
             config,
@@ -125,6 +136,8 @@ impl Daemon {
             incoming: Mutex::default(),
             outgoing: Mutex::default(),
             dirty: Arc::default(),
+            tls,
+            bindings: crate::peer_identity::Bindings::default(),
         }))
     }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use vfio_migd_proto::v1 as pb;
 use vfio_migd_proto::v1::peer_client::PeerClient;
 
@@ -107,27 +107,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn peer_client(peer: &str, timeout: Duration) -> Result<PeerClient<Channel>, EngineError> {
-    let endpoint = Endpoint::from_shared(format!("http://{peer}"))
-        .map_err(|e| EngineError::InvalidArgument(format!("peer `{peer}`: {e}")))?
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| EngineError::Unavailable(format!("cannot reach peer `{peer}`: {e}")))?;
-    Ok(PeerClient::new(channel))
+/// A peer client to `peer`, whose certificate must carry `expected` (or the host of
+/// `peer`) when peers use TLS.
+pub(crate) async fn peer_client(
+    daemon: &Daemon,
+    peer: &str,
+    expected: &str,
+    timeout: Duration,
+) -> Result<PeerClient<Channel>, EngineError> {
+    let limits = &daemon.config.peer.limits;
+    let channel = crate::tls::peer_channel(
+        daemon.tls.as_deref(),
+        peer,
+        expected,
+        limits,
+        timeout.min(Duration::from_secs(10)),
+    )
+    .await
+    .map_err(EngineError::Unavailable)?;
+    Ok(PeerClient::new(channel)
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes))
 }
 
 /// Asks a source daemon for its decision on a job (for in-doubt resolution on the
-/// destination). `Unknown` means hold: the source does not know the job.
-pub async fn query_decision(source_peer: &str, job_id: &str) -> Result<Answer, EngineError> {
+/// destination). `Unknown` means hold: the source does not know the job. With TLS the
+/// source must prove to be `expected` (the job's bound source identity, or the
+/// announced address's host).
+pub async fn query_decision(
+    daemon: &Daemon,
+    source_peer: &str,
+    expected: &str,
+    job_id: &str,
+) -> Result<Answer, EngineError> {
     if source_peer.is_empty() {
         return Err(EngineError::FailedPrecondition(format!(
             "job `{job_id}`: the source's address is unknown; pass the decision explicitly"
         )));
     }
-    let mut client = peer_client(source_peer, Duration::from_secs(10)).await?;
+    let mut client = peer_client(daemon, source_peer, expected, Duration::from_secs(10)).await?;
     let answer = client
         .query_job(pb::QueryJobRequest { job_id: job_id.to_string() })
         .await
@@ -337,7 +355,11 @@ impl Daemon {
                 SourceAction::SendCommit => {
                     let peer = outgoing.request.peer.clone();
                     let sent = async {
-                        let mut client = peer_client(&peer, self.phase_timeout(0)).await?;
+                        let expected = match self.bindings.expected(job_id) {
+                            crate::peer_identity::ExpectedPeer::Named(name) => name,
+                            _ => String::new(),
+                        };
+                        let mut client = peer_client(self, &peer, &expected, self.phase_timeout(0)).await?;
                         client.commit(pb::CommitRequest { job_id: job_id.to_string() }).await.map_err(|s| {
                             EngineError::Unavailable(format!("peer `{peer}`: commit: {}", s.message()))
                         })
@@ -625,8 +647,15 @@ impl SourceRun {
         let max_payload = self.daemon.config.peer.max_frame_payload;
         let peer = self.req.peer.clone();
         let timeout = self.timeout;
+        let expected = match self.daemon.bindings.expected(&job_id) {
+            crate::peer_identity::ExpectedPeer::Named(name) => name,
+            _ => String::new(),
+        };
+        let daemon = self.daemon.clone();
         let mut client = self
-            .guard(Phase::Handshake, async { peer_client(&peer, timeout).await.map_err(|e| e.to_string()) })
+            .guard(Phase::Handshake, async {
+                peer_client(&daemon, &peer, &expected, timeout).await.map_err(|e| e.to_string())
+            })
             .await?;
         let request = pb::HandshakeRequest {
             protocol_version: super::destination::PROTOCOL_VERSION,
@@ -634,7 +663,7 @@ impl SourceRun {
             devices: offered,
             data_connections: connections as u32,
             max_frame_payload: max_payload as u32,
-            source_peer: self.daemon.config.peer.listen.to_string(),
+            source_peer: self.daemon.config.peer.advertised(),
         };
         let accepted = self
             .guard(Phase::Handshake, async {
@@ -653,14 +682,24 @@ impl SourceRun {
             connections,
             max_payload,
             fault: self.daemon.config.test.stream_fault.map(Into::into),
+            dead_peer: Duration::from_millis(self.daemon.config.peer.limits.dead_peer_ms),
             ..StreamOptions::default()
         };
         let preamble = Preamble { job_id: job_id.clone(), token: accepted.session_token.to_vec() };
+        // The data connections prove the same destination identity as the channel.
+        let data_tls = match &self.daemon.tls {
+            Some(tls) => Some((
+                tls.client_config(),
+                crate::tls::server_name(&peer, &expected)
+                    .map_err(|e| Failure::new(Phase::Handshake, e.to_string()))?,
+            )),
+            None => None,
+        };
         let progress = self.progress.clone();
         let count = devices.len();
         let sender = self
             .guard(Phase::Handshake, async {
-                StreamSender::connect(data_addr, preamble, opts, count, progress)
+                StreamSender::connect_tls(data_addr, data_tls, preamble, opts, count, progress)
                     .await
                     .map_err(|e| format!("data connections: {e}"))
             })
@@ -831,7 +870,9 @@ impl SourceRun {
                     for ((device, target), r) in targets.iter().zip(transition_all(&targets).await) {
                         match r {
                             Ok(_) => self.job.set_device_state(device.name(), *target),
-                            Err(e) => tracing::warn!(job = %job_id, error = %e, "cleanup after commit failed; the destination runs"),
+                            Err(e) => {
+                                tracing::warn!(job = %job_id, error = %e, "cleanup after commit failed; the destination runs")
+                            }
                         }
                     }
                     None

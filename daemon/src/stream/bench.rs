@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, fcntl};
 
-use super::{Preamble, Progress, StreamError, StreamOptions, StreamReceiver, StreamSender, Switchover};
+use super::{
+    DataGuard, Preamble, Progress, StreamError, StreamOptions, StreamReceiver, StreamSender, Switchover,
+};
 use crate::device::{DataFd, Direction};
 
 /// One end of one device for one trial.
@@ -122,6 +124,23 @@ pub struct BenchSetup {
     /// For the stream; the relay always uses one connection per device, so pass
     /// `connections == devices` for a like-for-like comparison.
     pub opts: StreamOptions,
+    /// Run the stream's data connections over TLS (the relay stays plain TCP).
+    pub tls: Option<BenchTls>,
+}
+
+/// TLS for the stream arm: the destination's and the source's settings, and the name
+/// the destination's certificate carries.
+#[derive(Clone)]
+pub struct BenchTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for BenchTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BenchTls").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl BenchSetup {
@@ -256,7 +275,12 @@ pub async fn stream_trial(
         sink_fds.push((device, sink.fd));
         sinks.push(sink.done);
     }
-    let handle = receiver.start(
+    let guard = match &setup.tls {
+        Some(tls) => DataGuard { tls: Some(tls.server.clone()), admit: Arc::new(|_| true) },
+        None => DataGuard::plaintext(),
+    };
+    let handle = receiver.start_guarded(
+        guard,
         preamble.clone(),
         sink_fds,
         setup.opts.clone(),
@@ -264,7 +288,9 @@ pub async fn stream_trial(
     );
     let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
     let progress = Arc::new(Progress::new(setup.devices));
-    let sender = StreamSender::connect(addr, preamble, setup.opts.clone(), setup.devices, progress).await?;
+    let tls = setup.tls.as_ref().map(|tls| (tls.client.clone(), tls.name.clone()));
+    let sender =
+        StreamSender::connect_tls(addr, tls, preamble, setup.opts.clone(), setup.devices, progress).await?;
     let mut sources = Vec::with_capacity(setup.devices);
     let mut source_fds = Vec::with_capacity(setup.devices);
     for device in 0..setup.devices as u32 {
@@ -388,6 +414,7 @@ mod tests {
             devices: 3,
             bytes_per_device: 3 << 20,
             opts: StreamOptions { connections: 3, ..StreamOptions::default() },
+            tls: None,
         };
         let comparison = compare(Arc::new(PipeEndpoints::new(1 << 20)), &setup, 1).await.unwrap();
         assert_eq!((comparison.values.len(), comparison.baselines.len()), (1, 1));

@@ -41,7 +41,7 @@ use crate::device::Op;
 
 pub use frame::{DeviceStreamSummary, Preamble};
 pub use pump::{Progress, Switchover};
-pub use transport::{ReceiveHandle, StreamReceiver, StreamSender};
+pub use transport::{DataGuard, ReceiveHandle, StreamReceiver, StreamSender};
 
 /// Largest payload a frame may carry (the wire's length field could say more; no peer
 /// needs it, and a cap bounds what a corrupt header can make a receiver allocate).
@@ -67,6 +67,15 @@ pub struct StreamOptions {
     /// How long a reader waits before reading again after a temporary end in PRE_COPY
     /// (a switchover wakes it at once).
     pub precopy_poll: Duration,
+    /// TCP keepalive and `TCP_USER_TIMEOUT` on data connections: a peer whose host died
+    /// is noticed within about this long even while a device has nothing to send.
+    pub dead_peer: Duration,
+    /// A data connection must complete its TLS handshake and preamble within this long
+    /// (destination); a slow or silent one is dropped, the job goes on.
+    pub preamble_timeout: Duration,
+    /// Data connections whose preamble is still awaited at once (destination); more are
+    /// closed at accept.
+    pub max_pending_connections: usize,
     /// `SO_SNDBUF`/`SO_RCVBUF` for data connections; `None` keeps the kernel's
     /// autotuning, which measured fastest on loopback.
     pub socket_buffer: Option<usize>,
@@ -84,6 +93,9 @@ impl Default for StreamOptions {
             buffers_per_device: 4,
             stall_timeout: Duration::from_secs(30),
             precopy_poll: Duration::from_millis(10),
+            dead_peer: Duration::from_secs(20),
+            preamble_timeout: Duration::from_secs(5),
+            max_pending_connections: 16,
             socket_buffer: None,
             fault: None,
         }
@@ -101,8 +113,14 @@ impl StreamOptions {
             )
         } else if self.buffers_per_device < 2 {
             format!("buffers_per_device must be at least 2, not {}", self.buffers_per_device)
-        } else if self.stall_timeout.is_zero() || self.precopy_poll.is_zero() {
-            "stall_timeout and precopy_poll must be positive".to_owned()
+        } else if self.stall_timeout.is_zero()
+            || self.precopy_poll.is_zero()
+            || self.dead_peer.is_zero()
+            || self.preamble_timeout.is_zero()
+            || self.max_pending_connections == 0
+        {
+            "stall_timeout, precopy_poll, dead_peer, preamble_timeout and max_pending_connections must be positive"
+                .to_owned()
         } else {
             return Ok(());
         };
@@ -190,8 +208,12 @@ pub enum PreambleError {
     Incomplete,
     #[error("preamble checksum mismatch")]
     Checksum,
-    #[error("job id {found:?} is not the job this listener serves ({expected:?})")]
-    Job { found: String, expected: String },
+    #[error("the job id is not the job this listener serves")]
+    Job,
+    #[error("the peer's certificate is not the job's source")]
+    Peer,
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("session token does not match")]
     Token,
     #[error("source announces {found} data connections, this side expects {expected}")]

@@ -258,49 +258,64 @@ async fn a_fault_on_one_connection_fails_the_whole_receive() {
     assert!(transfer.arrived[1].is_empty());
 }
 
+/// Sends the real source's stream after the stray connections were refused, and checks
+/// it arrives: a refused connection must not have cost the job anything.
+async fn still_receives(handle: ReceiveHandle, port: u16, drainer: JoinHandle<Vec<u8>>) {
+    let bytes = state(0, MIB + 3);
+    let sender = StreamSender::connect(
+        SocketAddr::new(LOOPBACK, port),
+        preamble(),
+        options(1),
+        1,
+        Arc::new(Progress::new(1)),
+    )
+    .await
+    .expect("the real source is still accepted");
+    sender.add_device(0, source(bytes.clone()), Switchover::stop_copy()).unwrap();
+    let (sent, received) = within_safety_net(async { tokio::join!(sender.finish(), handle.wait()) }).await;
+    assert_eq!(sent.unwrap(), received.unwrap());
+    assert!(drainer.join().unwrap() == bytes, "the device state arrived intact");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_token_or_job_is_refused_on_both_sides() {
+async fn a_wrong_token_or_job_is_refused_alone_and_learns_nothing() {
+    let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
+    let (fd, drainer) = sink();
+    let handle = receiver.start(preamble(), vec![(0, fd)], options(1), Arc::new(Progress::new(1)));
+    let addr = SocketAddr::new(LOOPBACK, port);
     for wrong in [
         Preamble { token: b"guessed".to_vec(), ..preamble() },
         Preamble { job_id: "job-8".into(), ..preamble() },
     ] {
-        let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
-        let (fd, _drainer) = sink();
-        let handle = receiver.start(preamble(), vec![(0, fd)], options(1), Arc::new(Progress::new(1)));
-        let addr = SocketAddr::new(LOOPBACK, port);
-        let connected = within_safety_net(StreamSender::connect(
-            addr,
-            wrong.clone(),
-            options(1),
-            1,
-            Arc::new(Progress::new(1)),
-        ))
-        .await;
+        let connected =
+            within_safety_net(StreamSender::connect(addr, wrong, options(1), 1, Arc::new(Progress::new(1))))
+                .await;
         let Err(StreamError::Refused { connection: 0, reason }) = connected else {
-            panic!("the source was not refused");
+            panic!("the stray source was not refused");
         };
-        let err = within_safety_net(handle.wait()).await.unwrap_err();
-        match (wrong.token == preamble().token, &err) {
-            (false, StreamError::BadPreamble { connection: Some(0), reason: PreambleError::Token }) => {
-                assert!(reason.contains("token"), "{reason}");
-            }
-            (true, StreamError::BadPreamble { connection: Some(0), reason: PreambleError::Job { .. } }) => {
-                assert!(reason.contains("job-8"), "{reason}");
-            }
-            _ => panic!("unexpected receiver error: {err}"),
-        }
+        assert!(!reason.contains("job-7") && !reason.contains("session-token"), "{reason}");
+        assert!(reason.contains("refused"), "{reason}");
     }
+    still_receives(handle, port, drainer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stranger_or_an_old_version_is_refused() {
+async fn a_stranger_an_old_version_or_a_silent_client_is_dropped_alone() {
     // Only the head: a refused peer's unread bytes would turn the close into a reset.
     let mut old = encode_preamble(&preamble(), 0, 1).unwrap()[..PREAMBLE_HEAD_LEN].to_vec();
     old[8] = 0;
-    for (bytes, expected) in [(b"GET / HTTP/1.1\r\n\r\n".to_vec(), "magic"), (old, "version")] {
-        let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
-        let (fd, _drainer) = sink();
-        let handle = receiver.start(preamble(), vec![(0, fd)], options(1), Arc::new(Progress::new(1)));
+    let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
+    let (fd, drainer) = sink();
+    let opts = StreamOptions { preamble_timeout: Duration::from_millis(300), ..options(1) };
+    let handle = receiver.start(preamble(), vec![(0, fd)], opts, Arc::new(Progress::new(1)));
+    // Silent: says nothing and is cut at the preamble timeout without answer.
+    let silent = thread::spawn(move || {
+        let mut conn = std::net::TcpStream::connect((LOOPBACK, port)).unwrap();
+        let mut answer = Vec::new();
+        let _ = conn.read_to_end(&mut answer);
+        answer
+    });
+    for bytes in [b"GET / HTTP/1.1\r\n\r\n".to_vec(), old] {
         let client = thread::spawn(move || {
             let mut conn = std::net::TcpStream::connect((LOOPBACK, port)).unwrap();
             conn.write_all(&bytes).unwrap();
@@ -308,13 +323,13 @@ async fn a_stranger_or_an_old_version_is_refused() {
             let _ = conn.read_to_end(&mut answer);
             answer
         });
-        let err = within_safety_net(handle.wait()).await.unwrap_err();
-        assert!(matches!(err, StreamError::BadPreamble { .. }), "{err}");
-        assert!(err.to_string().contains(expected), "{err}");
         let answer = client.join().unwrap();
         assert_eq!(&answer[..4], b"VFNO");
-        assert!(String::from_utf8_lossy(&answer[ACK_HEAD_LEN..]).contains(expected));
+        let reason = String::from_utf8_lossy(&answer[ACK_HEAD_LEN..]).into_owned();
+        assert!(reason.contains("refused") && !reason.contains("job-7"), "{reason}");
     }
+    assert!(silent.join().unwrap().is_empty(), "a silent client is dropped without an answer");
+    still_receives(handle, port, drainer).await;
 }
 
 fn stalling(opts: StreamOptions) -> StreamOptions {
@@ -551,4 +566,114 @@ async fn keepalives_carry_a_quiet_precopy_past_the_stall_timeout() {
     let (sent, received) = within_safety_net(async { tokio::join!(sender.finish(), handle.wait()) }).await;
     assert_eq!(sent.unwrap(), received.unwrap());
     assert_eq!(drainer.join().unwrap(), state(0, 10_000));
+}
+
+/// A fleet CA (rcgen) and `names.len()` members, each as the daemon loads `[peer.tls]`.
+fn fleet(names: &[&str]) -> (tempfile::TempDir, Vec<crate::tls::TlsMaterial>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(dir.path().join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let members = names
+        .iter()
+        .map(|name| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let paths = crate::tls::PeerTlsConfig {
+                cert: dir.path().join(format!("{name}.crt")),
+                key: dir.path().join(format!("{name}.key")),
+                ca: dir.path().join("ca.crt"),
+            };
+            std::fs::write(&paths.cert, cert.pem()).unwrap();
+            std::fs::write(&paths.key, key.serialize_pem()).unwrap();
+            crate::tls::load_material(&paths).unwrap()
+        })
+        .collect();
+    (dir, members)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_only_the_jobs_source_gets_in_and_a_stranger_learns_nothing() {
+    let (_dir, members) = fleet(&["src.fleet", "dst.fleet", "third.fleet"]);
+    let [src, dst, third] = &members[..] else { unreachable!() };
+    let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
+    let (fd, drainer) = sink();
+    let guard = DataGuard {
+        tls: Some(dst.server.clone()),
+        admit: Arc::new(|who: &crate::peer_identity::PeerIdentity| who.is("src.fleet")),
+    };
+    let handle =
+        receiver.start_guarded(guard, preamble(), vec![(0, fd)], options(1), Arc::new(Progress::new(1)));
+    let addr = SocketAddr::new(LOOPBACK, port);
+    let dst_name = crate::tls::server_name("dst.fleet:1", "").unwrap();
+
+    // A fleet member that is not the job's source, even with the right job and token.
+    let stranger = StreamSender::connect_tls(
+        addr,
+        Some((third.client.clone(), dst_name.clone())),
+        preamble(),
+        options(1),
+        1,
+        Arc::new(Progress::new(1)),
+    )
+    .await;
+    let Err(StreamError::Refused { reason, .. }) = stranger else { panic!("the stranger was not refused") };
+    assert!(!reason.contains("job-7") && !reason.contains("src.fleet"), "{reason}");
+    // A plaintext client gets no TLS session, hence nothing.
+    let plain = StreamSender::connect(addr, preamble(), options(1), 1, Arc::new(Progress::new(1))).await;
+    assert!(plain.is_err(), "a plaintext client must be refused by a TLS data port");
+
+    let bytes = state(0, 3 * MIB + 5);
+    let sender = StreamSender::connect_tls(
+        addr,
+        Some((src.client.clone(), dst_name)),
+        preamble(),
+        options(1),
+        1,
+        Arc::new(Progress::new(1)),
+    )
+    .await
+    .expect("the job's source is admitted");
+    sender.add_device(0, source(bytes.clone()), Switchover::stop_copy()).unwrap();
+    let (sent, received) = within_safety_net(async { tokio::join!(sender.finish(), handle.wait()) }).await;
+    assert_eq!(sent.unwrap(), received.unwrap());
+    assert!(drainer.join().unwrap() == bytes, "the device state arrived intact over TLS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncating_fault_reads_the_same_over_tls() {
+    let (_dir, members) = fleet(&["src.fleet", "dst.fleet"]);
+    let (receiver, port) = StreamReceiver::bind(LOOPBACK).await.unwrap();
+    let (fd, _drainer) = sink();
+    let guard = DataGuard { tls: Some(members[1].server.clone()), admit: Arc::new(|_| true) };
+    let fault = StreamFault::Truncate { device: 0, frame: 1 };
+    let opts = StreamOptions { max_payload: 4096, fault: Some(fault), ..options(1) };
+    let handle =
+        receiver.start_guarded(guard, preamble(), vec![(0, fd)], opts.clone(), Arc::new(Progress::new(1)));
+    let name = crate::tls::server_name("dst.fleet:1", "").unwrap();
+    let sender = StreamSender::connect_tls(
+        SocketAddr::new(LOOPBACK, port),
+        Some((members[0].client.clone(), name)),
+        preamble(),
+        opts,
+        1,
+        Arc::new(Progress::new(1)),
+    )
+    .await
+    .unwrap();
+    sender.add_device(0, source(state(0, 64 << 10)), Switchover::stop_copy()).unwrap();
+    let (_, received) = within_safety_net(async { tokio::join!(sender.finish(), handle.wait()) }).await;
+    let err = received.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StreamError::Truncated { at: Truncation::InPayload { device: 0, sequence: 1, .. }, .. }
+        ),
+        "{err}"
+    );
 }

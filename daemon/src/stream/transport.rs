@@ -1,12 +1,17 @@
 //! The data connections: [`StreamSender`] on the source, [`StreamReceiver`] on the
 //! destination.
 //!
-//! Connections are blocking `std::net::TcpStream`s; tokio only opens, accepts and waits.
-//! Blocking threads measured faster than tokio sockets on this 2-core path (no reactor
-//! wake-ups between a device thread and the socket), see `docs/stream-protocol.md`. The
-//! frame loops are generic over `Read`/`Write`, so a TLS stream (e.g.
-//! `rustls::StreamOwned` over the same `TcpStream`) can replace the plain socket after
-//! `connect`/`accept` without touching them; the preamble is then sent inside it.
+//! Connections are blocking `std::net::TcpStream`s, or [`rustls::StreamOwned`] over them
+//! when peers use TLS ([`DataConn`]); tokio only opens, accepts and waits. Blocking
+//! threads measured faster than tokio sockets on this 2-core path (no reactor wake-ups
+//! between a device thread and the socket), see `docs/stream-protocol.md`. The frame
+//! loops are generic over `Read`/`Write`; with TLS the preamble travels inside it, and
+//! the per-frame checksums stay (one wire format in every mode).
+//!
+//! A destination data port serves exactly one job. A connection that fails its TLS
+//! handshake, presents a certificate other than the job's source, or sends a bad
+//! preamble is dropped on its own with a generic refusal: it is not counted, and the job
+//! goes on (until its deadline, if the real source never comes).
 //!
 //! Source: device `i` goes to connection `i % connections`. Each device's reader thread
 //! writes its frames to its connection itself, header and payload in one `writev`, under
@@ -24,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -43,6 +48,104 @@ use super::pump::{
 };
 use super::{PreambleError, StreamError, StreamFault, StreamOptions};
 use crate::device::{DataFd, Direction};
+use crate::peer_identity::PeerIdentity;
+
+/// A data connection: plain TCP (loopback development) or TLS over it.
+pub enum DataConn {
+    Plain(TcpStream),
+    TlsClient(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    TlsServer(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl DataConn {
+    /// The socket underneath, for options, clones and shutdown.
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            DataConn::Plain(s) => s,
+            DataConn::TlsClient(s) => s.get_ref(),
+            DataConn::TlsServer(s) => s.get_ref(),
+        }
+    }
+
+    /// Ends the TLS session cleanly before the socket is shut down for writing, so the
+    /// receiver sees an end of stream, not a truncation attack.
+    fn close_notify(&mut self) -> io::Result<()> {
+        match self {
+            DataConn::Plain(_) => Ok(()),
+            DataConn::TlsClient(s) => {
+                s.conn.send_close_notify();
+                s.flush()
+            }
+            DataConn::TlsServer(s) => {
+                s.conn.send_close_notify();
+                s.flush()
+            }
+        }
+    }
+}
+
+impl Read for DataConn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            DataConn::Plain(s) => s.read(buf),
+            DataConn::TlsClient(s) => s.read(buf),
+            DataConn::TlsServer(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for DataConn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            DataConn::Plain(s) => s.write(buf),
+            DataConn::TlsClient(s) => s.write(buf),
+            DataConn::TlsServer(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            DataConn::Plain(s) => s.write_vectored(bufs),
+            DataConn::TlsClient(s) => s.write_vectored(bufs),
+            DataConn::TlsServer(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            DataConn::Plain(s) => s.flush(),
+            DataConn::TlsClient(s) => s.flush(),
+            DataConn::TlsServer(s) => s.flush(),
+        }
+    }
+}
+
+/// Runs a TLS handshake to completion on a blocking socket (its timeouts apply).
+fn finish_handshake<D>(conn: &mut rustls::ConnectionCommon<D>, socket: &mut TcpStream) -> io::Result<()> {
+    while conn.is_handshaking() {
+        conn.complete_io(socket)?;
+    }
+    // The client's last flight (its Finished) may still be buffered.
+    while conn.wants_write() {
+        conn.write_tls(socket)?;
+    }
+    Ok(())
+}
+
+/// Who may open data connections to a destination's data port, and how.
+#[derive(Clone)]
+pub struct DataGuard {
+    /// TLS settings of the data port (client certificates required); `None`: plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether a connection's peer is the job's source (asked per connection, after its
+    /// TLS handshake, so it sees the binding the peer handshake made).
+    pub admit: Arc<dyn Fn(&PeerIdentity) -> bool + Send + Sync>,
+}
+
+impl DataGuard {
+    /// Plaintext, any peer (the session token still binds connections to the job).
+    pub fn plaintext() -> DataGuard {
+        DataGuard { tls: None, admit: Arc::new(|_| true) }
+    }
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -70,6 +173,7 @@ fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<(), Strea
 
 fn tune(socket: &TcpStream, opts: &StreamOptions) -> io::Result<()> {
     socket.set_nodelay(true)?;
+    crate::tls::set_keepalive(socket, opts.dead_peer)?;
     if let Some(size) = opts.socket_buffer {
         let size = size.min(i32::MAX as usize);
         setsockopt(socket, sockopt::SndBuf, &size).map_err(io::Error::from)?;
@@ -245,7 +349,7 @@ struct SenderShared {
     control: Control,
     opts: StreamOptions,
     devices: usize,
-    links: Vec<Link<TcpStream>>,
+    links: Vec<Link<DataConn>>,
     pools: Vec<Arc<BufferPool>>,
     added: Mutex<Vec<bool>>,
     progress: Arc<Progress>,
@@ -307,12 +411,25 @@ impl StreamSender {
         devices: usize,
         progress: Arc<Progress>,
     ) -> Result<StreamSender, StreamError> {
+        StreamSender::connect_tls(addr, None, preamble, opts, devices, progress).await
+    }
+
+    /// [`StreamSender::connect`] over TLS when `tls` is set: every connection verifies
+    /// the destination's certificate against the name given and presents this daemon's.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        tls: Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
+        preamble: Preamble,
+        opts: StreamOptions,
+        devices: usize,
+        progress: Arc<Progress>,
+    ) -> Result<StreamSender, StreamError> {
         opts.validate()?;
         let connections = opts.connections_for(devices);
         let setup_opts = opts.clone();
         let (sockets, pools) = off_reactor(move || {
             let sockets = (0..connections)
-                .map(|c| open_link(addr, &preamble, &setup_opts, c, connections, devices))
+                .map(|c| open_link(addr, tls.as_ref(), &preamble, &setup_opts, c, connections, devices))
                 .collect::<Result<Vec<_>, _>>()?;
             // One buffer in flight, one more for a ReorderFrames fault to hold back.
             let pools = (0..devices)
@@ -327,8 +444,8 @@ impl StreamSender {
         for (connection, socket) in sockets.into_iter().enumerate() {
             let devices = devices_on(connection, connections, 0..devices as u32);
             let io_error = |source| StreamError::Connection { connection, devices: devices.clone(), source };
-            control.register(&socket).map_err(io_error)?;
-            let shutdown = socket.try_clone().map_err(io_error)?;
+            control.register(socket.tcp()).map_err(io_error)?;
+            let shutdown = socket.tcp().try_clone().map_err(io_error)?;
             links.push(Link {
                 state: Mutex::new(LinkState {
                     conn: socket,
@@ -452,12 +569,13 @@ const SOURCE_BUFFERS: usize = 2;
 /// Opens data connection `connection` and has its preamble accepted.
 fn open_link(
     addr: SocketAddr,
+    tls: Option<&(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
     preamble: &Preamble,
     opts: &StreamOptions,
     connection: usize,
     connections: usize,
     devices: usize,
-) -> Result<TcpStream, StreamError> {
+) -> Result<DataConn, StreamError> {
     let context = LinkContext {
         connection,
         devices: devices_on(connection, connections, 0..devices as u32),
@@ -467,6 +585,19 @@ fn open_link(
     let mut socket = TcpStream::connect_timeout(&addr, opts.stall_timeout)
         .and_then(|socket| tune(&socket, opts).map(|()| socket))
         .map_err(|e| context.error(e, &not_aborted))?;
+    let mut socket = match tls {
+        None => DataConn::Plain(socket),
+        Some((config, name)) => {
+            let tls_error = |e: &dyn std::fmt::Display| StreamError::BadPreamble {
+                connection: u16::try_from(connection).ok(),
+                reason: PreambleError::Tls(e.to_string()),
+            };
+            let mut session =
+                rustls::ClientConnection::new(config.clone(), name.clone()).map_err(|e| tls_error(&e))?;
+            finish_handshake(&mut session, &mut socket).map_err(|e| tls_error(&e))?;
+            DataConn::TlsClient(Box::new(rustls::StreamOwned::new(session, socket)))
+        }
+    };
     present_preamble(&mut socket, preamble, &context, connections).map_err(|e| match e {
         PresentError::Io(e) => context.error(e, &not_aborted),
         PresentError::Stream(e) => e,
@@ -566,7 +697,7 @@ struct LinkState<C> {
     last_write: Instant,
 }
 
-impl<C: Write> Link<C> {
+impl Link<DataConn> {
     /// Writes `frame` (corrupted as `fault` says, in tests). Returns every device's
     /// summary once the last END of this connection is out and it is closed for writing.
     fn send(
@@ -617,13 +748,19 @@ impl<C: Write> Link<C> {
             return Ok(None);
         }
         state.conn.flush().map_err(|e| self.context.error(e, &self.aborted))?;
+        state.conn.close_notify().map_err(|e| self.context.error(e, &self.aborted))?;
         state.shutdown.shutdown(Shutdown::Write).map_err(|e| self.context.error(e, &self.aborted))?;
         self.closed.store(true, Ordering::Release);
         Ok(Some(std::mem::take(&mut state.sent)))
     }
 
     /// Writes a frame and gives its buffer back, counting ENDs.
-    fn put(&self, state: &mut LinkState<C>, frame: Outgoing, progress: &Progress) -> Result<(), StreamError> {
+    fn put(
+        &self,
+        state: &mut LinkState<DataConn>,
+        frame: Outgoing,
+        progress: &Progress,
+    ) -> Result<(), StreamError> {
         self.write(state, &frame.header.encode(), frame.payload())?;
         state.frames_sent += 1;
         if frame.header.kind == FrameKind::Data {
@@ -636,7 +773,12 @@ impl<C: Write> Link<C> {
         Ok(())
     }
 
-    fn write(&self, state: &mut LinkState<C>, header: &[u8], payload: &[u8]) -> Result<(), StreamError> {
+    fn write(
+        &self,
+        state: &mut LinkState<DataConn>,
+        header: &[u8],
+        payload: &[u8],
+    ) -> Result<(), StreamError> {
         write_frame(&mut state.conn, header, payload).map_err(|e| self.context.error(e, &self.aborted))?;
         state.last_write = Instant::now();
         Ok(())
@@ -655,8 +797,9 @@ impl<C: Write> Link<C> {
         self.write(&mut state, &FrameHeader::keepalive().encode(), &[])
     }
 
-    fn inject(&self, state: &mut LinkState<C>, fault: StreamFault) -> StreamError {
+    fn inject(&self, state: &mut LinkState<DataConn>, fault: StreamFault) -> StreamError {
         let _ = state.conn.flush();
+        let _ = state.conn.close_notify();
         let _ = state.shutdown.shutdown(Shutdown::Write);
         self.closed.store(true, Ordering::Release);
         StreamError::FaultInjected { connection: self.context.connection, fault }
@@ -695,10 +838,27 @@ impl StreamReceiver {
         opts: StreamOptions,
         progress: Arc<Progress>,
     ) -> ReceiveHandle {
+        self.start_guarded(DataGuard::plaintext(), preamble, devices, opts, progress)
+    }
+
+    /// [`StreamReceiver::start`], admitting only connections `guard` admits (TLS with
+    /// the job's source certificate, when set).
+    pub fn start_guarded(
+        self,
+        guard: DataGuard,
+        preamble: Preamble,
+        devices: Vec<(u32, DataFd)>,
+        opts: StreamOptions,
+        progress: Arc<Progress>,
+    ) -> ReceiveHandle {
         let connections = opts.connections_for(devices.len());
+        let cancel = CancellationToken::new();
         let shared = Arc::new(ReceiverShared {
             control: Control::new(),
-            cancel: CancellationToken::new(),
+            accepting: cancel.child_token(),
+            cancel,
+            guard,
+            pending: AtomicUsize::new(0),
             preamble,
             connections,
             indices: devices.iter().map(|(index, _)| *index).collect(),
@@ -770,6 +930,11 @@ pub struct ReceiveHandle {
 struct ReceiverShared {
     control: Control,
     cancel: CancellationToken,
+    /// Cancelled once every connection index is claimed (or everything stops).
+    accepting: CancellationToken,
+    guard: DataGuard,
+    /// Connections accepted whose TLS handshake and preamble are still awaited.
+    pending: AtomicUsize,
     preamble: Preamble,
     opts: StreamOptions,
     connections: usize,
@@ -818,6 +983,9 @@ impl ReceiverShared {
         match claimed.get_mut(usize::from(connection)) {
             Some(seen) if !*seen => {
                 *seen = true;
+                if claimed.iter().all(|&c| c) {
+                    self.accepting.cancel();
+                }
                 Ok(())
             }
             Some(_) => Err(PreambleError::DuplicateConnection { index: connection }),
@@ -859,47 +1027,133 @@ impl Drop for ReceiveHandle {
     }
 }
 
+/// What a refused data connection is told: nothing about the job, its id or token.
+const GENERIC_REFUSAL: &str = "refused: this data port does not serve that connection";
+
+/// Accepts data connections until every connection index is claimed or the stream
+/// stops. Each is admitted on its own thread (TLS handshake, peer check, preamble) under
+/// the preamble timeout; one that fails is dropped alone. Accept errors (EMFILE, ...)
+/// are logged and retried with back-off.
 async fn accept_links(listener: tokio::net::TcpListener, shared: Arc<ReceiverShared>) {
-    for _ in 0..shared.connections {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shared.cancel.cancelled() => return,
+            () = shared.accepting.cancelled() => return,
         };
-        let socket = accepted.and_then(|(socket, _)| {
-            let socket = socket.into_std()?;
+        let (socket, remote) = match accepted {
+            Ok(accepted) => {
+                backoff = FIRST_BACKOFF;
+                accepted
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "data port: accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shared.accepting.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if shared.pending.fetch_add(1, Ordering::AcqRel) >= shared.opts.max_pending_connections {
+            shared.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(%remote, "data port: too many connections awaiting their preamble; closed");
+            continue;
+        }
+        let socket = socket.into_std().and_then(|socket| {
             socket.set_nonblocking(false)?;
             tune(&socket, &shared.opts)?;
-            shared.control.register(&socket)?;
+            socket.set_read_timeout(Some(shared.opts.preamble_timeout))?;
+            socket.set_write_timeout(Some(shared.opts.preamble_timeout))?;
             Ok(socket)
         });
         let socket = match socket {
             Ok(socket) => socket,
-            Err(source) => {
-                let err = if shared.control.aborted.load(Ordering::Acquire) {
+            Err(e) => {
+                shared.pending.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(%remote, error = %e, "data port: cannot set up a connection");
+                continue;
+            }
+        };
+        let thread_shared = Arc::clone(&shared);
+        let spawned = spawn("migd-rx".to_owned(), move || {
+            let admitted = admit_link(socket, remote, &thread_shared);
+            thread_shared.pending.fetch_sub(1, Ordering::AcqRel);
+            let (conn, connection) = match admitted {
+                Ok(admitted) => admitted,
+                Err(reason) => {
+                    tracing::warn!(%remote, %reason, "data port: connection refused; the job goes on");
+                    return;
+                }
+            };
+            let ready = thread_shared.control.register(conn.tcp()).and_then(|()| {
+                conn.tcp().set_read_timeout(Some(thread_shared.opts.stall_timeout))?;
+                conn.tcp().set_write_timeout(Some(thread_shared.opts.stall_timeout))
+            });
+            if let Err(source) = ready {
+                let err = if thread_shared.control.aborted.load(Ordering::Acquire) {
                     StreamError::Aborted
                 } else {
                     StreamError::Listener { source }
                 };
-                shared.fail(err);
+                thread_shared.fail(err);
                 return;
             }
-        };
-        let thread_shared = Arc::clone(&shared);
-        let spawned = spawn("migd-rx".to_owned(), move || match serve_link(socket, &thread_shared) {
-            Ok(()) => thread_shared.control.link_done(Vec::new()),
-            Err(StreamError::Aborted) => {}
-            Err(err) => thread_shared.fail(err),
+            match serve_link(conn, usize::from(connection), &thread_shared) {
+                Ok(()) => thread_shared.control.link_done(Vec::new()),
+                Err(StreamError::Aborted) => {}
+                Err(err) => thread_shared.fail(err),
+            }
         });
         if let Err(err) = spawned {
-            shared.fail(err);
-            return;
+            shared.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(%remote, error = %err, "data port: cannot start a connection thread");
         }
     }
 }
 
-/// A destination connection's thread: preamble, then frames until the source closes.
-fn serve_link<C: Read + Write>(mut conn: C, shared: &ReceiverShared) -> Result<(), StreamError> {
+/// TLS handshake (when configured), the peer check and the preamble of one connection.
+fn admit_link(
+    mut socket: TcpStream,
+    remote: SocketAddr,
+    shared: &ReceiverShared,
+) -> Result<(DataConn, u16), PreambleError> {
+    let tls_error = |e: &dyn std::fmt::Display| PreambleError::Tls(e.to_string());
+    let (mut conn, who) = match &shared.guard.tls {
+        None => (DataConn::Plain(socket), PeerIdentity { addr: Some(remote), ..PeerIdentity::default() }),
+        Some(config) => {
+            let mut session = rustls::ServerConnection::new(config.clone()).map_err(|e| tls_error(&e))?;
+            finish_handshake(&mut session, &mut socket).map_err(|e| tls_error(&e))?;
+            let certificate = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| cert.clone().into_owned())
+                .ok_or_else(|| tls_error(&"no client certificate"))?;
+            let who = PeerIdentity::verified(Some(remote), certificate);
+            (DataConn::TlsServer(Box::new(rustls::StreamOwned::new(session, socket))), who)
+        }
+    };
+    if !(shared.guard.admit)(&who) {
+        refuse(&mut conn);
+        return Err(PreambleError::Peer);
+    }
     let connection = accept_preamble(&mut conn, shared)?;
+    Ok((conn, connection))
+}
+
+fn refuse(conn: &mut impl Write) {
+    let _ = conn.write_all(&encode_ack(Some(GENERIC_REFUSAL)));
+    let _ = conn.flush();
+}
+
+/// A destination connection's thread, once admitted: frames until the source closes.
+fn serve_link<C: Read + Write>(
+    conn: C,
+    connection: usize,
+    shared: &ReceiverShared,
+) -> Result<(), StreamError> {
     let decoder =
         ConnectionDecoder::new(connection, shared.connections, &shared.indices, shared.opts.max_payload);
     let carried = decoder.carried_devices();
@@ -915,34 +1169,28 @@ fn serve_link<C: Read + Write>(mut conn: C, shared: &ReceiverShared) -> Result<(
     LinkReader { context, decoder, conn, shared, direct }.run()
 }
 
-/// Reads and checks the preamble, claims its connection index and answers; a refusal
-/// is answered with the reason before the error is reported.
-fn accept_preamble<C: Read + Write>(conn: &mut C, shared: &ReceiverShared) -> Result<usize, StreamError> {
-    let incomplete = || StreamError::BadPreamble { connection: None, reason: PreambleError::Incomplete };
+/// Reads and checks the preamble (its size is bounded by the head, its time by the
+/// socket's preamble timeout) and claims its connection index. A refusal is answered
+/// generically: the job id and token are never echoed.
+fn accept_preamble<C: Read + Write>(conn: &mut C, shared: &ReceiverShared) -> Result<u16, PreambleError> {
     let mut raw = [0u8; PREAMBLE_HEAD_LEN];
-    if read_full(conn, &mut raw).map_err(|_| incomplete())? < PREAMBLE_HEAD_LEN {
-        return Err(incomplete());
+    if read_full(conn, &mut raw).map_err(|_| PreambleError::Incomplete)? < PREAMBLE_HEAD_LEN {
+        return Err(PreambleError::Incomplete);
     }
-    let mut refuse = |connection: Option<u16>, reason: PreambleError| {
-        let _ = conn.write_all(&encode_ack(Some(&reason.to_string())));
-        let _ = conn.flush();
-        StreamError::BadPreamble { connection, reason }
+    let refused = |conn: &mut C, reason: PreambleError| {
+        refuse(conn);
+        reason
     };
-    let head = PreambleHead::parse(&raw).map_err(|reason| refuse(None, reason))?;
+    let head = PreambleHead::parse(&raw).map_err(|reason| refused(conn, reason))?;
     let mut body = vec![0u8; head.body_len()];
-    let got = read_full(conn, &mut body).map_err(|_| incomplete())?;
+    let got = read_full(conn, &mut body).map_err(|_| PreambleError::Incomplete)?;
     if got < body.len() {
-        return Err(incomplete());
+        return Err(PreambleError::Incomplete);
     }
-    let mut refuse = |reason: PreambleError| {
-        let _ = conn.write_all(&encode_ack(Some(&reason.to_string())));
-        let _ = conn.flush();
-        StreamError::BadPreamble { connection: Some(head.connection), reason }
-    };
-    head.verify(&raw, &body, &shared.preamble, shared.connections).map_err(&mut refuse)?;
-    shared.claim(head.connection).map_err(&mut refuse)?;
-    conn.write_all(&encode_ack(None)).and_then(|()| conn.flush()).map_err(|_| incomplete())?;
-    Ok(usize::from(head.connection))
+    head.verify(&raw, &body, &shared.preamble, shared.connections).map_err(|reason| refused(conn, reason))?;
+    shared.claim(head.connection).map_err(|reason| refused(conn, reason))?;
+    conn.write_all(&encode_ack(None)).and_then(|()| conn.flush()).map_err(|_| PreambleError::Incomplete)?;
+    Ok(head.connection)
 }
 
 /// A device that travels alone on its connection: the connection's receiver thread is

@@ -35,6 +35,8 @@ pub enum BenchError {
     Config(Box<ConfigError>),
     #[error(transparent)]
     Sim(Box<SimSpecError>),
+    #[error("TLS setup: {0}")]
+    Tls(String),
     #[error("job {job} on the {side}: {what}")]
     Migration { job: String, side: &'static str, what: String },
     #[error("device {device} was not migrated faithfully: {what}")]

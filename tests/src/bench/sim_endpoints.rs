@@ -142,6 +142,7 @@ mod tests {
             devices: 2,
             bytes_per_device: (2 << 20) + 17,
             opts: StreamOptions { connections: 2, ..StreamOptions::default() },
+            tls: None,
         };
         let endpoints = Arc::new(SimEndpoints::new(setup.bytes_per_device));
         let comparison = compare(endpoints.clone(), &setup, 1).await.unwrap();

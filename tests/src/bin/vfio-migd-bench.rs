@@ -20,7 +20,7 @@ use vfio_migd::config::PeerConfig;
 use vfio_migd::dirty::bench::{BenchFigure, bitmap_merge_8x32mib, dirty_report_sparse};
 use vfio_migd::fsm::Caps;
 use vfio_migd::stream::StreamOptions;
-use vfio_migd::stream::bench::{BenchSetup, compare};
+use vfio_migd::stream::bench::{BenchSetup, BenchTls, compare};
 use vfio_migd_tests::bench::sim_endpoints::SimEndpoints;
 use vfio_migd_tests::bench::switchover::{GroupSpec, engine_against_raw, precopy_against_stop_copy};
 use vfio_migd_tests::bench::{BenchError, Better, Pairs, median};
@@ -41,6 +41,7 @@ usage: vfio-migd-bench [--only NAME]... [--pairs N] [--quick]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Figure {
     Stream1Dev,
+    Stream1DevTls,
     Stream8Dev,
     BitmapMerge,
     DirtyReportSparse,
@@ -50,8 +51,9 @@ enum Figure {
 }
 
 impl Figure {
-    const ALL: [Figure; 7] = [
+    const ALL: [Figure; 8] = [
         Figure::Stream1Dev,
+        Figure::Stream1DevTls,
         Figure::Stream8Dev,
         Figure::BitmapMerge,
         Figure::DirtyReportSparse,
@@ -63,6 +65,7 @@ impl Figure {
     fn name(self) -> &'static str {
         match self {
             Figure::Stream1Dev => "stream_1dev",
+            Figure::Stream1DevTls => "stream_1dev_tls",
             Figure::Stream8Dev => "stream_8dev",
             Figure::BitmapMerge => "bitmap_merge_8x32MiB",
             Figure::DirtyReportSparse => "dirty_report_sparse",
@@ -78,7 +81,7 @@ impl Figure {
             Figure::BitmapMerge | Figure::DirtyReportSparse => 11,
             // Tens of milliseconds each, and downtimes scatter more than rates.
             Figure::GroupDowntime8Dev | Figure::SwitchoverOverhead64Dev | Figure::PrecopyDowntime4Dev => 9,
-            Figure::Stream1Dev | Figure::Stream8Dev => 5,
+            Figure::Stream1Dev | Figure::Stream1DevTls | Figure::Stream8Dev => 5,
         }
     }
 }
@@ -141,7 +144,13 @@ fn extra(fields: Value) -> Map<String, Value> {
     }
 }
 
-async fn stream(figure: Figure, devices: usize, args: &Args) -> Result<BenchFigure, BenchError> {
+async fn stream(
+    figure: Figure,
+    devices: usize,
+    tls: Option<BenchTls>,
+    args: &Args,
+) -> Result<BenchFigure, BenchError> {
+    let with_tls = tls.is_some();
     let bytes_per_trial = args.size(1024 * MIB, 64 * MIB);
     let bytes_per_device = bytes_per_trial / devices as u64;
     // The relay always uses one connection per device: the stream does too, like for like.
@@ -149,6 +158,7 @@ async fn stream(figure: Figure, devices: usize, args: &Args) -> Result<BenchFigu
         devices,
         bytes_per_device,
         opts: StreamOptions { connections: devices, ..StreamOptions::default() },
+        tls,
     };
     let endpoints = Arc::new(SimEndpoints::new(bytes_per_device));
     let result = compare(endpoints.clone(), &setup, args.pairs(figure)).await?;
@@ -170,6 +180,7 @@ async fn stream(figure: Figure, devices: usize, args: &Args) -> Result<BenchFigu
         extra(json!({
             "devices": devices,
             "connections": devices,
+            "tls": with_tls,
             "bytes_per_trial": bytes_per_device * devices as u64,
             "endpoints": "simulated devices: STOP_COPY source, RESUMING sink verifying every byte",
             "endpoints_direct_gbps": direct,
@@ -239,8 +250,9 @@ async fn precopy(figure: Figure, group: GroupSpec, args: &Args) -> Result<BenchF
 fn run(figure: Figure, args: &Args, runtime: &tokio::runtime::Runtime) -> Result<BenchFigure, BenchError> {
     let p2p = Caps::STOP_COPY.union(Caps::P2P);
     match figure {
-        Figure::Stream1Dev => runtime.block_on(stream(figure, 1, args)),
-        Figure::Stream8Dev => runtime.block_on(stream(figure, 8, args)),
+        Figure::Stream1Dev => runtime.block_on(stream(figure, 1, None, args)),
+        Figure::Stream1DevTls => runtime.block_on(stream(figure, 1, Some(bench_tls()?), args)),
+        Figure::Stream8Dev => runtime.block_on(stream(figure, 8, None, args)),
         Figure::BitmapMerge => Ok(bitmap_merge_8x32mib(args.pairs(figure))),
         Figure::DirtyReportSparse => Ok(dirty_report_sparse(args.pairs(figure))),
         Figure::GroupDowntime8Dev => {
@@ -325,6 +337,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// A throw-away fleet CA and one certificate (rcgen) for both ends of the TLS stream,
+/// loaded the way the daemon loads `[peer.tls]`.
+fn bench_tls() -> Result<BenchTls, BenchError> {
+    let failed = |e: &dyn std::fmt::Display| BenchError::Tls(e.to_string());
+    let dir = tempfile::tempdir().map_err(|e| failed(&e))?;
+    let ca_key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| failed(&e))?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).map_err(|e| failed(&e))?.pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
+    let leaf = rcgen::CertificateParams::new(vec!["bench.vfio-migd".to_owned()]).map_err(|e| failed(&e))?;
+    let cert_pem = leaf.signed_by(&key, &issuer).map_err(|e| failed(&e))?.pem();
+    let paths = vfio_migd::tls::PeerTlsConfig {
+        cert: dir.path().join("bench.crt"),
+        key: dir.path().join("bench.key"),
+        ca: dir.path().join("ca.crt"),
+    };
+    for (path, pem) in [(&paths.cert, cert_pem), (&paths.key, key.serialize_pem()), (&paths.ca, ca_pem)] {
+        std::fs::write(path, pem).map_err(|e| failed(&e))?;
+    }
+    let material = vfio_migd::tls::load_material(&paths).map_err(|e| failed(&e))?;
+    let name = vfio_migd::tls::server_name("bench.vfio-migd:0", "").map_err(|e| failed(&e))?;
+    Ok(BenchTls { server: material.server, client: material.client, name })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +409,7 @@ mod tests {
             names,
             [
                 "stream_1dev",
+                "stream_1dev_tls",
                 "stream_8dev",
                 "bitmap_merge_8x32MiB",
                 "dirty_report_sparse",
