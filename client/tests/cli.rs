@@ -339,6 +339,30 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
     assert_eq!(migctl(&src, &["groups", "define", "vm1", "nic0", "gpu0"]).await.status.code(), Some(0));
     let peer = destination.peer.to_string();
 
+    // A destination device of another model: the handshake refuses, the source rolls back.
+    assert_eq!(migctl(&dst, &["incoming", "--job-id", "j2", "nic0", "gpu1"]).await.status.code(), Some(0));
+    let refused = migctl(
+        &src,
+        &[
+            "migrate",
+            "--job-id",
+            "j2",
+            "--group",
+            "vm1",
+            "--peer",
+            &peer,
+            "--map",
+            "nic0=nic0",
+            "--map",
+            "gpu0=gpu1",
+        ],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(3), "{}{}", stdout(&refused), stderr(&refused));
+    assert!(stdout(&refused).contains("rolled_back"), "{}", stdout(&refused));
+
+    // A refused destination job keeps its devices until it is cancelled.
+    assert_eq!(migctl(&dst, &["cancel", "j2"]).await.status.code(), Some(0));
     let prepared = migctl(&dst, &["--json", "incoming", "--job-id", "j1", "nic0", "gpu0"]).await;
     assert_eq!(json(&prepared)["role"], "destination");
     let moved = migctl(
@@ -373,14 +397,14 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
         "the state arrived intact"
     );
 
-    // A destination device of another model: the handshake refuses, the source rolls back.
-    assert_eq!(migctl(&dst, &["incoming", "--job-id", "j2", "nic0", "gpu1"]).await.status.code(), Some(0));
-    let refused = migctl(
+    // The group migrated away: its devices are never claimed again (they hold a state
+    // that runs on the destination now), and the refusal says so.
+    let again = migctl(
         &src,
         &[
             "migrate",
             "--job-id",
-            "j2",
+            "j3",
             "--group",
             "vm1",
             "--peer",
@@ -392,8 +416,8 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
         ],
     )
     .await;
-    assert_eq!(refused.status.code(), Some(3), "{}{}", stdout(&refused), stderr(&refused));
-    assert!(stdout(&refused).contains("rolled_back"), "{}", stdout(&refused));
+    assert_ne!(again.status.code(), Some(0), "{}{}", stdout(&again), stderr(&again));
+    assert!(stderr(&again).contains("migrated away in job `j1`"), "{}", stderr(&again));
     source.stop().await;
     destination.stop().await;
 }
