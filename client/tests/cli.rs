@@ -339,25 +339,18 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
     assert_eq!(migctl(&src, &["groups", "define", "vm1", "nic0", "gpu0"]).await.status.code(), Some(0));
     let peer = destination.peer.to_string();
 
+    // `migrate` of group vm1 to the destination as job `job`, with gpu0 mapped by `gpu_map`.
+    let migrate_vm1 = |json: bool, job: &'static str, gpu_map: &'static str| {
+        let mut args = vec!["migrate", "--job-id", job, "--group", "vm1", "--peer", &peer];
+        args.extend(["--map", "nic0=nic0", "--map", gpu_map]);
+        if json {
+            args.insert(0, "--json");
+        }
+        args
+    };
     // A destination device of another model: the handshake refuses, the source rolls back.
     assert_eq!(migctl(&dst, &["incoming", "--job-id", "j2", "nic0", "gpu1"]).await.status.code(), Some(0));
-    let refused = migctl(
-        &src,
-        &[
-            "migrate",
-            "--job-id",
-            "j2",
-            "--group",
-            "vm1",
-            "--peer",
-            &peer,
-            "--map",
-            "nic0=nic0",
-            "--map",
-            "gpu0=gpu1",
-        ],
-    )
-    .await;
+    let refused = migctl(&src, &migrate_vm1(false, "j2", "gpu0=gpu1")).await;
     assert_eq!(refused.status.code(), Some(3), "{}{}", stdout(&refused), stderr(&refused));
     assert!(stdout(&refused).contains("rolled_back"), "{}", stdout(&refused));
 
@@ -365,24 +358,7 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
     assert_eq!(migctl(&dst, &["cancel", "j2"]).await.status.code(), Some(0));
     let prepared = migctl(&dst, &["--json", "incoming", "--job-id", "j1", "nic0", "gpu0"]).await;
     assert_eq!(json(&prepared)["role"], "destination");
-    let moved = migctl(
-        &src,
-        &[
-            "--json",
-            "migrate",
-            "--job-id",
-            "j1",
-            "--group",
-            "vm1",
-            "--peer",
-            &peer,
-            "--map",
-            "nic0=nic0",
-            "--map",
-            "gpu0=gpu0",
-        ],
-    )
-    .await;
+    let moved = migctl(&src, &migrate_vm1(true, "j1", "gpu0=gpu0")).await;
     assert_eq!(moved.status.code(), Some(0), "{}{}", stdout(&moved), stderr(&moved));
     let job = json(&moved);
     assert_eq!(job["status"], "succeeded");
@@ -399,23 +375,7 @@ async fn a_migration_between_two_daemons_is_followed_to_its_outcome() {
 
     // The group migrated away: its devices are never claimed again (they hold a state
     // that runs on the destination now), and the refusal says so.
-    let again = migctl(
-        &src,
-        &[
-            "migrate",
-            "--job-id",
-            "j3",
-            "--group",
-            "vm1",
-            "--peer",
-            &peer,
-            "--map",
-            "nic0=nic0",
-            "--map",
-            "gpu0=gpu1",
-        ],
-    )
-    .await;
+    let again = migctl(&src, &migrate_vm1(false, "j3", "gpu0=gpu1")).await;
     assert_ne!(again.status.code(), Some(0), "{}{}", stdout(&again), stderr(&again));
     assert!(stderr(&again).contains("migrated away in job `j1`"), "{}", stderr(&again));
     source.stop().await;

@@ -889,17 +889,7 @@ mod tests {
     }
 
     fn rollback_cases(max: usize, recorded_choices: &[State]) -> usize {
-        let current = [
-            State::Error,
-            State::Stop,
-            State::Running,
-            State::StopCopy,
-            State::Resuming,
-            State::RunningP2p,
-            State::PreCopy,
-            State::PreCopyP2p,
-        ];
-        let configs: Vec<(Caps, State, State)> = configurations(&current)
+        let configs: Vec<(Caps, State, State)> = configurations(&State::ALL)
             .into_iter()
             .flat_map(|(caps, s)| recorded_choices.iter().map(move |&r| (caps, s, r)))
             .collect();
